@@ -1,0 +1,14 @@
+"""fxshift: compiler-style torch.fx passes that make networks cheaper to train and run."""
+from . import errors
+from .checkpoint import load, save
+from .costs import macs, parameter_count
+from .errors import ConfigError, FxshiftError, RecipeError, TraceError
+from .passes import RecomposePass, TuckerDecomposePass
+from .pipeline import apply
+from .report import Report, report
+from .trace import trace
+
+__version__ = "0.1.0"
+
+__all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parameter_count", "TuckerDecomposePass",
+           "RecomposePass", "FxshiftError", "ConfigError", "TraceError", "RecipeError", "errors"]

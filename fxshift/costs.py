@@ -1,0 +1,103 @@
+"""Parameter and multiply-accumulate counts, measured by running the model once with hooks.
+
+MACs are those of convolutions and linear layers (what decomposition and shift layers change),
+per sample: the total for the example batch divided by its size.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+MacRule = Callable[[nn.Module, torch.Tensor], int]
+
+#: module type -> MACs for one sample given the module's output (looked up along the MRO).
+MAC_RULES: dict[type, MacRule] = {}
+
+
+def register_mac_rule(module_type: type) -> Callable[[MacRule], MacRule]:
+    def register(rule: MacRule) -> MacRule:
+        MAC_RULES[module_type] = rule
+        return rule
+
+    return register
+
+
+@register_mac_rule(nn.Conv2d)
+def _conv_macs(module: nn.Conv2d, output: torch.Tensor) -> int:
+    per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    return output[0].numel() * per_output
+
+
+@register_mac_rule(nn.Linear)
+def _linear_macs(module: nn.Linear, output: torch.Tensor) -> int:
+    rows = output.numel() // output.shape[0] if output.ndim > 1 else output.numel()
+    return rows * module.in_features
+
+
+def _rule_for(module: nn.Module) -> MacRule | None:
+    for cls in type(module).__mro__:
+        if cls in MAC_RULES:
+            return MAC_RULES[cls]
+    return None
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _as_tuple(inputs: Any) -> tuple:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+@torch.no_grad()
+def macs(model: nn.Module, example_inputs: Any) -> int:
+    """MACs per sample of one forward pass on `example_inputs` (batch = first input's size 0)."""
+    inputs = _as_tuple(example_inputs)
+    total = 0
+
+    def hook(module: nn.Module, _args: Any, output: Any) -> None:
+        nonlocal total
+        rule = _rule_for(module)
+        if rule is not None and isinstance(output, torch.Tensor):
+            total += rule(module, output) * output.shape[0] if output.ndim > 1 else rule(module, output)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _rule_for(m) is not None]
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 1 else 1
+    return total // max(batch, 1)
+
+
+@torch.no_grad()
+def layer_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs per sample of a single layer for an input of `input_shape` (run on one zero sample)."""
+    param = next(module.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
+    x = torch.zeros((1, *input_shape[1:]), device=device, dtype=dtype)
+    return macs(module, (x,))
+
+
+@torch.no_grad()
+def input_shapes(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    """Shape of the first tensor input of every submodule, by qualified name, from one forward pass."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if name not in shapes and args and isinstance(args[0], torch.Tensor):
+                shapes[name] = tuple(args[0].shape)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(n)) for n, m in model.named_modules() if n]
+    try:
+        model(*_as_tuple(example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes

@@ -1,0 +1,1 @@
+"""Pure tensor math of the decompositions: no torch.fx, no modules, tested on tensors alone."""

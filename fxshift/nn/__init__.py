@@ -1,0 +1,7 @@
+"""Modules that fxshift passes insert into a model."""
+from .base import RECOMPOSE_RULES, STRUCTURES, DecomposedLayer, register_recompose_rule, register_structure
+from .low_rank_linear import LowRankLinear
+from .tucker import TuckerConv2d
+
+__all__ = ["DecomposedLayer", "LowRankLinear", "TuckerConv2d", "RECOMPOSE_RULES", "STRUCTURES",
+           "register_recompose_rule", "register_structure"]

@@ -1,0 +1,72 @@
+"""Finding and swapping the layers a pass works on, by name pattern or module type."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Iterator, Optional, Union
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ConfigError
+from ..trace import is_fxshift_module
+
+Selector = Union[None, str, type, Iterable[Union[str, type]]]
+
+
+def _entries(selector: Selector, option: str) -> tuple[list[str], tuple[type, ...]]:
+    if selector is None:
+        return [], ()
+    items = [selector] if isinstance(selector, (str, type)) else list(selector)
+    patterns = [i for i in items if isinstance(i, str)]
+    types = tuple(i for i in items if isinstance(i, type))
+    bad = [i for i in items if not isinstance(i, (str, type))]
+    if bad:
+        raise ConfigError(f"{option}: entries must be name patterns (str) or module types, got {bad!r}")
+    return patterns, types
+
+
+class LayerFilter:
+    """include/exclude by fnmatch-style name pattern ("layer1.*", "features.0") or module type."""
+
+    def __init__(self, include: Selector = None, exclude: Selector = None):
+        self.include_all = include is None
+        self.include = _entries(include, "include")
+        self.exclude = _entries(exclude, "exclude")
+
+    @staticmethod
+    def _matches(name: str, module: nn.Module, entries: tuple[list[str], tuple[type, ...]]) -> bool:
+        patterns, types = entries
+        return (bool(types) and isinstance(module, types)) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    def __call__(self, name: str, module: nn.Module) -> bool:
+        if self._matches(name, module, self.exclude):
+            return False
+        return self.include_all or self._matches(name, module, self.include)
+
+
+def candidate_layers(gm: fx.GraphModule, types: tuple[type, ...], selected: Optional[LayerFilter] = None,
+                     inside_fxshift: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of layers of exactly `types` (subclasses from fxshift excluded), in order.
+
+    Layers inside modules fxshift inserted are skipped unless `inside_fxshift`.
+    """
+    owners: list[str] = []
+    for name, module in list(gm.named_modules()):
+        if not name:
+            continue
+        if any(name.startswith(o + ".") for o in owners):
+            if not inside_fxshift:
+                continue
+        if is_fxshift_module(module):
+            owners.append(name)
+            continue
+        if isinstance(module, types) and (selected is None or selected(name, module)):
+            yield name, module
+
+
+def replace_module(gm: fx.GraphModule, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is; the graph's call_module nodes keep working."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, new)
+

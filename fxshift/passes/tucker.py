@@ -1,0 +1,71 @@
+"""TuckerDecomposePass: Tucker-2 (Tucker-1 for few input channels) on Conv2d, SVD on Linear."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..decompose.ranks import mode_rank, mode_ranks
+from ..decompose.svd import svd_factors
+from ..decompose.tucker import mode_unfolding, relative_error, tucker1, tucker2, tucker_reconstruct
+from ..nn.low_rank_linear import LowRankLinear
+from ..nn.tucker import TuckerConv2d
+from .decompose_base import Decision, DecompositionPass
+from .layers import Selector
+
+
+class TuckerDecomposePass(DecompositionPass):
+    """Replace each Conv2d by 1×1 → k×k core → 1×1 (Tucker-2, methods.md §2) and each Linear by two
+    Linears (truncated SVD, §5).
+
+    Args:
+        rank: a fraction in (0, 1] of each mode's channels, an int, an (r_out, r_in) tuple, "vbmf",
+            "energy:τ", a dict from layer name to any of these, or a callable (name, module) -> any
+            of these (None leaves the layer alone).
+        include, exclude: name patterns ("layer1.*") or module types choosing the layers.
+        linear: also decompose nn.Linear layers.
+        tucker1_max_in: convs with at most this many input channels get Tucker-1 (output mode only).
+        only_if_cheaper: leave a layer alone when the decomposition would not cut its MACs.
+        n_iter_max: HOOI iterations of tensorly's partial_tucker.
+
+    Grouped and depthwise convs are left as they are; the report says why.
+    """
+
+    layer_types = (nn.Conv2d, nn.Linear)
+
+    def __init__(self, rank: Any = 0.5, include: Selector = None, exclude: Selector = None, linear: bool = True, *,
+                 tucker1_max_in: int = 4, only_if_cheaper: bool = True, n_iter_max: int = 100,
+                 progress: bool = False):
+        super().__init__(rank, include, exclude, only_if_cheaper, progress)
+        self.linear = linear
+        self.tucker1_max_in = tucker1_max_in
+        self.n_iter_max = n_iter_max
+
+    def decompose(self, name: str, module: nn.Module, rank: Any) -> Decision:
+        if isinstance(module, nn.Linear):
+            return self._linear(name, module, rank) if self.linear else Decision(None, "linear=False")
+        if type(module) is not nn.Conv2d:
+            return Decision(None, f"{type(module).__name__} is not a plain Conv2d")
+        if module.groups != 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            return Decision(None, f"{kind} conv (groups={module.groups})")
+        weight = module.weight.detach()
+        t, s = weight.shape[:2]
+        if s <= self.tucker1_max_in:
+            r_out = mode_rank(rank[0] if isinstance(rank, (tuple, list)) else rank, t,
+                              mode_unfolding(weight, 0), name, "output")
+            factors = tucker1(weight, r_out)
+            ranks: tuple = (r_out, None)
+        else:
+            ranks = mode_ranks(rank, (t, s), lambda m: mode_unfolding(weight, m), name, ("output", "input"))
+            factors = tucker2(weight, ranks, n_iter_max=self.n_iter_max)
+        error = relative_error(weight, tucker_reconstruct(factors))
+        return Decision(TuckerConv2d.from_factors(module, factors), rank=list(ranks), rel_error=error)
+
+    def _linear(self, name: str, module: nn.Linear, rank: Any) -> Decision:
+        weight = module.weight.detach()
+        spec = rank[0] if isinstance(rank, (tuple, list)) else rank
+        r = mode_rank(spec, min(weight.shape), weight, name)
+        factors = svd_factors(weight, r)
+        error = relative_error(weight, factors.second @ factors.first)
+        return Decision(LowRankLinear.from_factors(module, factors), rank=r, rel_error=error)
