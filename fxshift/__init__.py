@@ -4,6 +4,7 @@ from .checkpoint import load, save
 from .costs import macs, parameter_count
 from .errors import ConfigError, FxshiftError, RecipeError, TraceError
 from .passes import RecomposePass, TuckerDecomposePass
+from .passes import FreezePass, ShiftQuantizePass, freeze
 from .pipeline import apply
 from .report import Report, report
 from .trace import trace
@@ -11,4 +12,5 @@ from .trace import trace
 __version__ = "0.1.0"
 
 __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parameter_count", "TuckerDecomposePass",
-           "RecomposePass", "FxshiftError", "ConfigError", "TraceError", "RecipeError", "errors"]
+           "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
+           "RecipeError", "errors"]

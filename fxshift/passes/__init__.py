@@ -1,6 +1,8 @@
 """One pass per file. Every pass is a torch.fx PassBase: `call(gm) -> PassResult`."""
 from .decompose_base import DecompositionPass
+from .freeze import FreezePass, freeze
 from .recompose import RecomposePass
+from .shift_quantize import ShiftQuantizePass
 from .tucker import TuckerDecomposePass
 
-__all__ = ["DecompositionPass", "RecomposePass", "TuckerDecomposePass"]
+__all__ = ["DecompositionPass", "RecomposePass", "TuckerDecomposePass", "ShiftQuantizePass", "FreezePass", "freeze"]

@@ -1,0 +1,185 @@
+"""torch.library custom ops ``fxshift::shift_linear`` and ``fxshift::shift_conv2d`` over packed weights.
+
+The weights are the packed shift format of native/include/fxshift.h (see fxshift.nn.frozen_shift for
+a summary): an int32 tensor of shape (O, row_words) holding `bits`-wide codes (top bit sign, low
+bits−1 the shift magnitude m of ±2^−m; with has_zero, code 2^bits−1 is a zero weight), floor(32/bits)
+codes per little-endian word, each output row starting on a new word.
+
+- The CPU implementations call the native kernels through fxshift.ops.native (cffi).
+- The CUDA implementations call the CUDA kernels when the native loader provides them, and raise
+  NativeError otherwise.
+- Fake (meta) implementations give the output shapes, so that models using the ops trace with
+  torch.fx / torch.export / torch.compile and export to ONNX.
+
+The ops are inference-only (no autograd formula): frozen layers are not trained.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import NativeError
+
+__all__ = ["shift_linear", "shift_conv2d", "conv2d_output_size", "check_packed"]
+
+
+def _codes_per_word(bits: int) -> int:
+    return 32 // bits
+
+
+def _row_words(k: int, bits: int) -> int:
+    per = _codes_per_word(bits)
+    return (k + per - 1) // per
+
+
+def check_packed(words: torch.Tensor, rows: int, k: int, bits: int, has_zero: bool, what: str) -> None:
+    """Raise ValueError unless `words` is an int32 (rows, row_words(k, bits)) tensor for a valid format."""
+    if not 2 <= bits <= 9:
+        raise ValueError(f"{what}: bits={bits} is outside the packed format's 2..9")
+    if words.dtype != torch.int32:
+        raise ValueError(f"{what}: packed weights must be int32, got {words.dtype}")
+    expected = (rows, _row_words(k, bits))
+    if tuple(words.shape) != expected:
+        raise ValueError(f"{what}: packed weights have shape {tuple(words.shape)}, but {rows} rows of {k} "
+                         f"{bits}-bit codes need {expected} (row_words = ceil({k} / {_codes_per_word(bits)}))")
+
+
+def _check_bias(bias: Optional[torch.Tensor], n: int, x: torch.Tensor, what: str) -> None:
+    if bias is None:
+        return
+    if bias.dim() != 1 or bias.shape[0] != n:
+        raise ValueError(f"{what}: bias has shape {tuple(bias.shape)}, expected ({n},)")
+    if bias.dtype != torch.float32:
+        raise ValueError(f"{what}: bias must be float32, got {bias.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"{what}: bias is on {bias.device}, the input on {x.device}")
+
+
+def _check_input(x: torch.Tensor, words: torch.Tensor, what: str) -> None:
+    if x.dtype != torch.float32:
+        raise ValueError(f"{what}: input must be float32, got {x.dtype}")
+    if words.device != x.device:
+        raise ValueError(f"{what}: packed weights are on {words.device}, the input on {x.device}")
+
+
+def conv2d_output_size(h: int, w: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int]) -> tuple[int, int]:
+    """Output height and width of a convolution with torch's formula."""
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def _check_conv(x: torch.Tensor, words: torch.Tensor, weight_shape: Sequence[int], stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int, bits: int, has_zero: bool,
+                bias: Optional[torch.Tensor]) -> tuple[int, int]:
+    what = "fxshift::shift_conv2d"
+    if len(weight_shape) != 4 or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise ValueError(f"{what}: weight_shape needs 4 entries and stride/padding/dilation 2 each")
+    if x.dim() != 4:
+        raise ValueError(f"{what}: input must be NCHW (4-D), got shape {tuple(x.shape)}")
+    o, cg, kh, kw = weight_shape
+    if groups < 1 or o % groups or x.shape[1] != cg * groups:
+        raise ValueError(f"{what}: input has {x.shape[1]} channels, weight_shape {tuple(weight_shape)} with "
+                         f"groups={groups} needs {cg * groups} (and out channels divisible by groups)")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(weight_shape) < 1:
+        raise ValueError(f"{what}: invalid geometry stride={tuple(stride)} padding={tuple(padding)} "
+                         f"dilation={tuple(dilation)} weight_shape={tuple(weight_shape)}")
+    _check_input(x, words, what)
+    check_packed(words, o, cg * kh * kw, bits, has_zero, what)
+    _check_bias(bias, o, x, what)
+    oh, ow = conv2d_output_size(x.shape[2], x.shape[3], (kh, kw), stride, padding, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{what}: input {tuple(x.shape)} is too small for the kernel: output would be {oh}×{ow}")
+    return oh, ow
+
+
+def _check_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits: int, has_zero: bool,
+                  bias: Optional[torch.Tensor]) -> int:
+    what = "fxshift::shift_linear"
+    if x.dim() < 1:
+        raise ValueError(f"{what}: input must have at least one dimension")
+    if out_features < 1:
+        raise ValueError(f"{what}: out_features={out_features} must be ≥ 1")
+    _check_input(x, words, what)
+    check_packed(words, out_features, x.shape[-1], bits, has_zero, what)
+    _check_bias(bias, out_features, x, what)
+    return x.shape[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# fxshift::shift_linear
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fxshift::shift_linear", mutates_args=(), device_types="cpu")
+def shift_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits: int, has_zero: bool,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ Wᵀ + bias with W decoded from packed shift codes; x is (..., in_features), float32."""
+    from . import native
+
+    k = _check_linear(x, words, out_features, bits, has_zero, bias)
+    x2 = x.reshape(-1, k).contiguous()
+    y = native.shift_linear(x2, words.contiguous(), out_features, bits, int(has_zero),
+                            None if bias is None else bias.contiguous())
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@shift_linear.register_fake
+def _shift_linear_fake(x, words, out_features, bits, has_zero, bias=None):
+    _check_linear(x, words, out_features, bits, has_zero, bias)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _cuda_backend():
+    """The native loader's CUDA entry points, or NativeError saying they are missing."""
+    from . import native
+
+    cuda = getattr(native, "cuda", None)
+    if callable(cuda):
+        cuda = cuda()
+    if cuda is None:
+        raise NativeError("fxshift's CUDA shift kernels are not available in this build (the native library was "
+                          "built without CUDA, or fxshift.ops.native exposes no CUDA entry points); run frozen "
+                          "shift models on the CPU (model.cpu()) or build with nvcc present")
+    return cuda
+
+
+@shift_linear.register_kernel("cuda")
+def _shift_linear_cuda(x, words, out_features, bits, has_zero, bias=None):
+    k = _check_linear(x, words, out_features, bits, has_zero, bias)
+    cuda = _cuda_backend()
+    x2 = x.reshape(-1, k).contiguous()
+    y = cuda.shift_linear(x2, words.contiguous(), out_features, bits, int(has_zero),
+                          None if bias is None else bias.contiguous())
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+# --------------------------------------------------------------------------------------------
+# fxshift::shift_conv2d
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fxshift::shift_conv2d", mutates_args=(), device_types="cpu")
+def shift_conv2d(x: torch.Tensor, words: torch.Tensor, weight_shape: list[int], stride: list[int],
+                 padding: list[int], dilation: list[int], groups: int, bits: int, has_zero: bool,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """conv2d(x, W, bias) with torch semantics (zero padding) and W (weight_shape) decoded from packed codes."""
+    from . import native
+
+    _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
+    return native.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
+                               tuple(padding), tuple(dilation), groups, bits, int(has_zero),
+                               None if bias is None else bias.contiguous())
+
+
+@shift_conv2d.register_fake
+def _shift_conv2d_fake(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+    oh, ow = _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
+    return x.new_empty((x.shape[0], weight_shape[0], oh, ow))
+
+
+@shift_conv2d.register_kernel("cuda")
+def _shift_conv2d_cuda(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+    _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
+    cuda = _cuda_backend()
+    return cuda.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
+                             tuple(padding), tuple(dilation), groups, bits, int(has_zero),
+                             None if bias is None else bias.contiguous())

@@ -1,0 +1,102 @@
+"""ShiftQuantizePass: replace Conv2d and Linear layers by DeepShift layers (methods.md §1)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..costs import input_shapes, layer_macs, parameter_count
+from ..errors import ConfigError
+from ..nn.frozen_shift import packed_bytes, packing_width
+from ..nn.shift import (ActivationBits, check_activation_bits, check_mode, check_rounding, check_weight_bits,
+                        shift_layer_from)
+from ..pipeline import example_inputs_of
+from ..report import ReportRow, report
+from .layers import LayerFilter, Selector, candidate_layers, replace_module
+
+
+class ShiftQuantizePass(PassBase):
+    """Replace every Conv2d (any stride, padding, dilation, groups) and Linear by a ShiftConv2d /
+    ShiftLinear whose weights are ±2^p (DeepShift, methods.md §1).
+
+    Args:
+        mode: "q" (DeepShift-Q: trains float weights, rounds them in the forward pass) or "ps"
+            (DeepShift-PS: trains shifts P and signs S, started at P = round(log2|w|), S = sign(w)).
+        weight_bits: 2…8; shift range −(2^(wb−1)−1)…0 for Q and −(2^(wb−1)−2)…0 for PS.
+        activation_bits: None (float activations) or (integer_bits, fraction_bits), e.g. (16, 16):
+            the input of each shift layer and its bias are rounded to that fixed-point format.
+        rounding: "deterministic" (round half to even) or "stochastic" (training mode only).
+        include, exclude: name patterns ("layer1.*") or module types choosing the layers.
+        freeze_sign: PS only: the signs are not trained (requires_grad=False).
+
+    Layers inside modules fxshift inserted (the convs of a TuckerConv2d, the Linears of a
+    LowRankLinear) are quantised too. Report rows (action "shifted") carry the extra columns mode,
+    bits (the packed width freeze() will use), weight_bytes_before, weight_bytes_after (packed
+    bytes of the frozen form) and rel_error = ‖W_q − W‖ / ‖W‖.
+
+    Example:
+        >>> gm = fxshift.apply(ShiftQuantizePass(mode="ps", weight_bits=5), model, torch.randn(1, 3, 32, 32))
+        >>> # fine-tune gm with fxshift.train.deepshift_param_groups(gm), then
+        >>> deployed = fxshift.freeze(gm)
+    """
+
+    layer_types = (nn.Conv2d, nn.Linear)
+
+    def __init__(self, mode: str = "q", weight_bits: int = 5, activation_bits: ActivationBits = None,
+                 rounding: str = "deterministic", include: Selector = None, exclude: Selector = None,
+                 freeze_sign: bool = False):
+        self.mode = check_mode(mode)
+        self.weight_bits = check_weight_bits(weight_bits)
+        self.activation_bits = check_activation_bits(activation_bits)
+        self.rounding = check_rounding(rounding)
+        if freeze_sign and mode != "ps":
+            raise ConfigError("freeze_sign=True applies to mode='ps' only (DeepShift-Q has no separate sign)")
+        self.freeze_sign = bool(freeze_sign)
+        self.filter = LayerFilter(include, exclude)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        inputs = example_inputs_of(gm)
+        shapes = input_shapes(gm, inputs) if inputs is not None else {}
+        rows = report(gm)
+        modified = False
+        for name, module in list(candidate_layers(gm, self.layer_types, self.filter, inside_fxshift=True)):
+            row = self.visit(gm, name, module, shapes.get(name))
+            modified = modified or row.action == "shifted"
+            rows.add(row)
+        return PassResult(gm, modified)
+
+    def visit(self, gm: fx.GraphModule, name: str, module: nn.Module, shape: Optional[tuple[int, ...]]) -> ReportRow:
+        row = ReportRow(layer=name, pass_name=type(self).__name__, action="skipped",
+                        params_before=parameter_count(module))
+        weight = module.weight
+        if not weight.is_floating_point():
+            row.reason = f"weight dtype {weight.dtype} is not floating point"
+            return row
+        if shape is not None:
+            row.macs_before = layer_macs(module, shape)
+        layer = shift_layer_from(module, mode=self.mode, weight_bits=self.weight_bits, rounding=self.rounding,
+                                 activation_bits=self.activation_bits, freeze_sign=self.freeze_sign)
+        layer.train(module.training)
+        with torch.no_grad():
+            was_training = layer.training
+            layer.eval()
+            quantized = layer.quantized_weight()
+            layer.train(was_training)
+            w = weight.detach()
+            norm = torch.linalg.vector_norm(w).item()
+            diff = torch.linalg.vector_norm(quantized - w).item()
+            has_zeros = bool((quantized == 0).any())
+        replace_module(gm, name, layer)
+        bits, has_zero = packing_width(self.mode, self.weight_bits, has_zeros)
+        rows_, k = w.shape[0], w[0].numel()
+        row.action = "shifted"
+        row.params_after = parameter_count(layer)
+        if shape is not None:
+            row.macs_after = layer_macs(layer, shape)
+        row.rel_error = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+        row.extra = {"mode": self.mode, "bits": bits, "weight_bytes_before": w.numel() * w.element_size(),
+                     "weight_bytes_after": packed_bytes(rows_, k, bits)}
+        return row
