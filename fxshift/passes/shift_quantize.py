@@ -94,8 +94,7 @@ class ShiftQuantizePass(PassBase):
         rows_, k = w.shape[0], w[0].numel()
         row.action = "shifted"
         row.params_after = parameter_count(layer)
-        if shape is not None:
-            row.macs_after = layer_macs(layer, shape)
+        row.macs_after = row.macs_before  # one shift-add for each multiply-accumulate it replaces
         row.rel_error = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
         row.extra = {"mode": self.mode, "bits": bits, "weight_bytes_before": w.numel() * w.element_size(),
                      "weight_bytes_after": packed_bytes(rows_, k, bits)}
