@@ -316,7 +316,9 @@ def pack(sign: torch.Tensor, shift_magnitude: torch.Tensor, bits: int, has_zero:
         _arg_error(fn, f"sign {tuple(sign.shape)} and shift_magnitude {tuple(mag.shape)} must have the same "
                        "shape (out, ...) with at least 2 dimensions")
     rows = sign.shape[0]
-    k = sign.numel() // rows if rows else 0
+    k = 1
+    for d in sign.shape[1:]:
+        k *= d
     out = torch.empty(rows, _row_words(k, bits), dtype=torch.int32)
     if out.numel() == 0:
         return out
