@@ -26,6 +26,7 @@ to float summation order. With ``activation_bits`` the input is rounded to the s
 grid as in training and the stored bias is already rounded.
 
 The weights live in the int32 buffer ``words`` of shape (O, row_words); ``bias`` is a float32 buffer.
+Frozen layers compute in float32 (the kernels' type): give them float32 inputs.
 Forward calls the custom ops fxshift::shift_conv2d / fxshift::shift_linear (fxshift.ops.shift_ops).
 """
 from __future__ import annotations
@@ -100,7 +101,6 @@ class _FrozenShift(nn.Module):
         return self.words.numel() * 4
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32)
         if self.activation_bits is not None:
             x = _round_fixed_plain(x, *self.activation_bits)
         return x
@@ -183,14 +183,12 @@ class FrozenShiftConv2d(_FrozenShift):
                          mode=spec.get("mode", "q"), weight_bits=spec.get("weight_bits", 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
         x = self._prepare(x)
         if self._pre_pad is not None:
             x = F.pad(x, self._pre_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-        y = torch.ops.fxshift.shift_conv2d(x, self.words, list(self.weight_shape), list(self.stride),
-                                           list(self._op_padding), list(self.dilation), self.groups, self.bits,
-                                           bool(self.has_zero), self.bias)
-        return y if dtype == torch.float32 else y.to(dtype)
+        return torch.ops.fxshift.shift_conv2d(x, self.words, list(self.weight_shape), list(self.stride),
+                                              list(self._op_padding), list(self.dilation), self.groups, self.bits,
+                                              bool(self.has_zero), self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -229,10 +227,8 @@ class FrozenShiftLinear(_FrozenShift):
                    mode=spec.get("mode", "q"), weight_bits=spec.get("weight_bits", 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        y = torch.ops.fxshift.shift_linear(self._prepare(x), self.words, self.out_features, self.bits,
-                                           bool(self.has_zero), self.bias)
-        return y if dtype == torch.float32 else y.to(dtype)
+        return torch.ops.fxshift.shift_linear(self._prepare(x), self.words, self.out_features, self.bits,
+                                              bool(self.has_zero), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -12,6 +12,10 @@ codes per little-endian word, each output row starting on a new word.
   torch.fx / torch.export / torch.compile and export to ONNX.
 
 The ops are inference-only (no autograd formula): frozen layers are not trained.
+
+They are defined with torch.library.Library (schema + per-device kernels + register_fake) rather
+than the torch.library.custom_op decorator: the decorator wraps every kernel in a dynamo-disable
+guard whose first call imports torch._dynamo (seconds of start-up for plain eager inference).
 """
 from __future__ import annotations
 
@@ -109,12 +113,9 @@ def _check_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits:
 
 
 # --------------------------------------------------------------------------------------------
-# fxshift::shift_linear
+# kernels
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fxshift::shift_linear", mutates_args=(), device_types="cpu")
-def shift_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits: int, has_zero: bool,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ Wᵀ + bias with W decoded from packed shift codes; x is (..., in_features), float32."""
+def _linear_cpu(x, words, out_features, bits, has_zero, bias=None):
     from . import native
 
     k = _check_linear(x, words, out_features, bits, has_zero, bias)
@@ -124,8 +125,7 @@ def shift_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits: 
     return y.reshape(*x.shape[:-1], out_features)
 
 
-@shift_linear.register_fake
-def _shift_linear_fake(x, words, out_features, bits, has_zero, bias=None):
+def _linear_fake(x, words, out_features, bits, has_zero, bias=None):
     _check_linear(x, words, out_features, bits, has_zero, bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -144,8 +144,7 @@ def _cuda_backend():
     return cuda
 
 
-@shift_linear.register_kernel("cuda")
-def _shift_linear_cuda(x, words, out_features, bits, has_zero, bias=None):
+def _linear_cuda(x, words, out_features, bits, has_zero, bias=None):
     k = _check_linear(x, words, out_features, bits, has_zero, bias)
     cuda = _cuda_backend()
     x2 = x.reshape(-1, k).contiguous()
@@ -154,14 +153,7 @@ def _shift_linear_cuda(x, words, out_features, bits, has_zero, bias=None):
     return y.reshape(*x.shape[:-1], out_features)
 
 
-# --------------------------------------------------------------------------------------------
-# fxshift::shift_conv2d
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fxshift::shift_conv2d", mutates_args=(), device_types="cpu")
-def shift_conv2d(x: torch.Tensor, words: torch.Tensor, weight_shape: list[int], stride: list[int],
-                 padding: list[int], dilation: list[int], groups: int, bits: int, has_zero: bool,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """conv2d(x, W, bias) with torch semantics (zero padding) and W (weight_shape) decoded from packed codes."""
+def _conv_cpu(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
     from . import native
 
     _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
@@ -170,16 +162,63 @@ def shift_conv2d(x: torch.Tensor, words: torch.Tensor, weight_shape: list[int], 
                                None if bias is None else bias.contiguous())
 
 
-@shift_conv2d.register_fake
-def _shift_conv2d_fake(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+def _conv_fake(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
     oh, ow = _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
     return x.new_empty((x.shape[0], weight_shape[0], oh, ow))
 
 
-@shift_conv2d.register_kernel("cuda")
-def _shift_conv2d_cuda(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+def _conv_cuda(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
     _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
     cuda = _cuda_backend()
     return cuda.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
                              tuple(padding), tuple(dilation), groups, bits, int(has_zero),
                              None if bias is None else bias.contiguous())
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+SCHEMAS = {
+    "shift_linear": "shift_linear(Tensor x, Tensor words, int out_features, int bits, bool has_zero, "
+                    "Tensor? bias=None) -> Tensor",
+    "shift_conv2d": "shift_conv2d(Tensor x, Tensor words, int[] weight_shape, int[] stride, int[] padding, "
+                    "int[] dilation, int groups, int bits, bool has_zero, Tensor? bias=None) -> Tensor",
+}
+_KERNELS = {"shift_linear": (_linear_cpu, _linear_cuda, _linear_fake),
+            "shift_conv2d": (_conv_cpu, _conv_cuda, _conv_fake)}
+
+
+def _defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.fxshift, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_LIB = torch.library.Library("fxshift", "FRAGMENT")  # FRAGMENT: other modules may add fxshift:: ops too
+for _name, _schema in SCHEMAS.items():
+    if _defined(_name):  # a re-imported module (importlib.reload) keeps the first registration
+        continue
+    _cpu, _cuda, _fake = _KERNELS[_name]
+    _LIB.define(_schema)
+    _LIB.impl(_name, _cpu, "CPU")
+    _LIB.impl(_name, _cuda, "CUDA")
+    torch.library.register_fake(f"fxshift::{_name}", _fake, lib=_LIB)
+
+
+def shift_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits: int, has_zero: bool,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ Wᵀ + bias with W decoded from packed shift codes; x is (..., in_features), float32.
+
+    Calls torch.ops.fxshift.shift_linear (CPU: native kernels; CUDA: CUDA kernels)."""
+    return torch.ops.fxshift.shift_linear(x, words, out_features, bits, has_zero, bias)
+
+
+def shift_conv2d(x: torch.Tensor, words: torch.Tensor, weight_shape: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int, bits: int, has_zero: bool,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """conv2d(x, W, bias) with torch semantics (zero padding, NCHW float32) and W of `weight_shape`
+    (O, C_in/groups, kh, kw) decoded from packed codes. Calls torch.ops.fxshift.shift_conv2d."""
+    return torch.ops.fxshift.shift_conv2d(x, words, list(weight_shape), list(stride), list(padding), list(dilation),
+                                          groups, bits, has_zero, bias)

@@ -53,7 +53,8 @@ def freeze_modules(model: nn.Module, rows=None, pass_name: str = "FreezePass") -
 def freeze(model: M) -> M:
     """A copy of `model` with every trained shift layer replaced by its packed inference form.
 
-    The model given is not changed. A GraphModule from fxshift.apply keeps (a copy of) its report,
+    `model` may be a GraphModule, any nn.Module holding shift layers, or a single shift layer
+    (which gives its frozen layer). The model given is not changed. A GraphModule from fxshift.apply keeps (a copy of) its report,
     with one "frozen" row per layer added.
 
     Example:
@@ -62,6 +63,8 @@ def freeze(model: M) -> M:
         >>> deployed = fxshift.freeze(gm).eval()
         >>> deployed(x)  # runs fxshift::shift_conv2d / fxshift::shift_linear
     """
+    if isinstance(model, SHIFT_LAYERS):
+        return freeze_layer(model)
     out = copy.deepcopy(model)
     if isinstance(out, fx.GraphModule):
         meta_report = report(model)
