@@ -72,12 +72,14 @@ class DecompositionPass(PassBase, abc.ABC):
 
     def visit(self, gm: fx.GraphModule, name: str, module: nn.Module, shape: Optional[tuple[int, ...]]) -> ReportRow:
         """Decide, swap and record one layer."""
-        row = ReportRow(layer=name, pass_name=type(self).__name__, action="skipped",
-                        params_before=parameter_count(module))
+        # A skipped layer keeps its cost: "after" equals "before" so that totals add up.
+        params = parameter_count(module)
+        row = ReportRow(layer=name, pass_name=type(self).__name__, action="skipped", params_before=params,
+                        params_after=params)
         cost_shape = shape or proxy_input_shape(module)
         macs_before = layer_macs(module, cost_shape)
         if shape is not None:
-            row.macs_before = macs_before
+            row.macs_before = row.macs_after = macs_before
         rank = rank_for_layer(self.rank, name, module)
         if rank is None:
             row.reason = "no rank given for this layer"
