@@ -14,3 +14,12 @@ __version__ = "0.1.0"
 __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parameter_count", "TuckerDecomposePass",
            "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
            "RecipeError", "errors"]
+
+
+def __getattr__(name: str):
+    """Subpackages imported on first use: `fxshift.train`."""
+    if name == "train":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
