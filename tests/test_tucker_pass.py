@@ -9,8 +9,8 @@ from fxshift.nn import LowRankLinear, TuckerConv2d
 
 from conftest import build_torchvision, rel_error
 
-FAST = ["resnet18", "mobilenet_v2", "alexnet"]
-SLOW = ["resnet50", "vgg16", "googlenet"]
+FAST = ["resnet18", "mobilenet_v2"]
+SLOW = ["alexnet", "resnet50", "vgg16", "googlenet"]
 ALL = FAST + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW]
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 

@@ -3,25 +3,36 @@
 A rank option may be a plain value (float fraction in (0, 1], int, "vbmf", "energy:0.85"), a
 tuple of those for multi-mode decompositions, a dict from layer name to any of these, or a
 callable (name, module) -> any of these. A dict without the layer, or a callable returning None,
-leaves that layer alone.
+leaves that layer alone. A Budget (fxshift.decompose.budget) instead chooses every layer's rank
+so that the whole model meets a cost target.
+
+The truncated-SVD rule (`low_rank`) is shared by the Linear SVD, each Tucker mode and the spatial
+decomposition; `tail_error` gives the Eckart–Young error of any rank from the same spectrum.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import ConfigError
 
 
-
 def rank_for_layer(rank: Any, name: str, module: torch.nn.Module) -> Any:
     """The rank setting that applies to one layer, or None when the setting leaves it out."""
+    from .budget import Budget
+
     if isinstance(rank, dict):
-        return rank.get(name)
-    if callable(rank) and not isinstance(rank, type):
-        return rank(name, module)
-    return rank
+        value = rank.get(name)
+    elif callable(rank) and not isinstance(rank, (type, Budget)):
+        value = rank(name, module)
+    else:
+        value = rank
+    if isinstance(value, Budget):
+        raise ConfigError(f"layer {name!r}: a Budget chooses the ranks of the whole model; give it as the pass's "
+                          "rank (rank=fxshift.Budget(...)), not per layer")
+    return value
 
 
 def parse_energy(spec: str, layer: str) -> float:
@@ -45,38 +56,81 @@ def energy_rank(singular: torch.Tensor, tau: float) -> int:
     return int(min(len(singular), int((cumulative < tau - 1e-12).sum()) + 1))
 
 
-def mode_rank(spec: Any, size: int, unfolding: Optional[torch.Tensor], layer: str, mode: str = "") -> int:
-    """Resolve one mode's rank setting against a mode of `size` channels.
+def _where(layer: str, size: int, mode: str, what: str) -> str:
+    return f"layer {layer!r}" + (f" ({mode} mode, {size} {what})" if mode else f" ({size} {what})")
 
-    `unfolding` (size × rest) is needed only by the data-driven rules ("vbmf", "energy:τ").
+
+def pooled_singular_values(singular: torch.Tensor) -> torch.Tensor:
+    """One spectrum from per-group spectra (g, k): √Σ_g σ_{g,i}², so that energy and tail error
+    at rank K count every group truncated to K (a 1-D spectrum is returned as it is)."""
+    s = singular.detach().double()
+    return s if s.ndim == 1 else s.pow(2).sum(0).sqrt()
+
+
+def tail_error(singular: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error of the best rank-`rank` approximation (Eckart–Young):
+    √(Σ_{i>r} σ_i² / Σ σ_i²), pooled over groups for a (g, k) spectrum; 0 for a zero matrix."""
+    energy = pooled_singular_values(singular).pow(2)
+    total = float(energy.sum())
+    if total <= 0:
+        return 0.0
+    return math.sqrt(max(float(energy[rank:].sum()), 0.0) / total)
+
+
+def low_rank(spec: Any, max_rank: int, layer: str, *, spectrum: Optional[Callable[[], torch.Tensor]] = None,
+             matrices: Optional[Callable[[], Sequence[torch.Tensor]]] = None, mode: str = "",
+             what: str = "channels") -> int:
+    """Resolve a rank setting for a truncated SVD with ranks 1..max_rank: the one rank rule that the
+    Linear SVD, every Tucker mode and the spatial (Tai) decomposition share.
+
+    spec: a fraction in (0, 1] of max_rank (rounded, at least 1), an int, "energy:τ" (the smallest
+    rank keeping a fraction τ of Σσ², pooled over groups) or "vbmf" (the largest EVBMF rank over
+    `matrices`, at least 1). `spectrum` returns the singular values (1-D, or (groups, k)) and
+    `matrices` the matrices EVBMF looks at; they are called only when the rule needs them.
     Raises ConfigError naming the layer for any invalid setting.
     """
-    where = f"layer {layer!r}" + (f" ({mode} mode, {size} channels)" if mode else f" ({size} channels)")
+    where = _where(layer, max_rank, mode, what)
     if isinstance(spec, bool) or spec is None:
         raise ConfigError(f"{where}: rank {spec!r} is not a valid setting; use a fraction, an int, 'vbmf' or 'energy:τ'")
     if isinstance(spec, float):
         if not 0.0 < spec <= 1.0:
             raise ConfigError(f"{where}: rank fraction {spec} must lie in (0, 1]; use an int for an absolute rank")
-        return max(1, min(size, int(round(spec * size))))
+        return max(1, min(max_rank, int(round(spec * max_rank))))
     if isinstance(spec, int):
-        if not 1 <= spec <= size:
-            raise ConfigError(f"{where}: rank {spec} must lie in 1..{size}")
+        if not 1 <= spec <= max_rank:
+            raise ConfigError(f"{where}: rank {spec} must lie in 1..{max_rank}")
         return spec
     if isinstance(spec, str):
-        if unfolding is None:
-            raise ConfigError(f"{where}: rank {spec!r} needs the layer's weight")
         if spec == "vbmf":
+            if matrices is None:
+                raise ConfigError(f"{where}: rank 'vbmf' needs the layer's weight")
             from .evbmf import evbmf_rank
 
             # EVBMF may find no signal at all (pure noise); a layer needs at least rank 1.
-            return max(1, min(size, evbmf_rank(unfolding.detach().double())))
+            found = max(evbmf_rank(m.detach().double()) for m in matrices())
+            return max(1, min(max_rank, found))
         if spec.startswith("energy"):
             tau = parse_energy(spec, layer)
-            return energy_rank(torch.linalg.svdvals(unfolding.detach().double()), tau)
+            if spectrum is None:
+                raise ConfigError(f"{where}: rank {spec!r} needs the layer's weight")
+            return min(max_rank, energy_rank(pooled_singular_values(spectrum()), tau))
     raise ConfigError(
         f"{where}: unknown rank {spec!r}; use a fraction in (0, 1], an int, a tuple, 'vbmf', 'energy:τ', "
-        "a dict by layer name or a callable (name, module)"
+        "a dict by layer name, a callable (name, module) or fxshift.Budget(...)"
     )
+
+
+def mode_rank(spec: Any, size: int, unfolding: Optional[torch.Tensor], layer: str, mode: str = "") -> int:
+    """Resolve one mode's rank setting against a mode of `size` channels (see low_rank).
+
+    `unfolding` (size × rest) is needed only by the data-driven rules ("vbmf", "energy:τ").
+    Raises ConfigError naming the layer for any invalid setting.
+    """
+    if isinstance(spec, str) and unfolding is None and (spec == "vbmf" or spec.startswith("energy")):
+        raise ConfigError(f"{_where(layer, size, mode, 'channels')}: rank {spec!r} needs the layer's weight")
+    spectrum = (lambda: torch.linalg.svdvals(unfolding.detach().double())) if unfolding is not None else None
+    matrices = (lambda: [unfolding]) if unfolding is not None else None
+    return low_rank(spec, size, layer, spectrum=spectrum, matrices=matrices, mode=mode)
 
 
 def mode_ranks(spec: Any, sizes: tuple[int, ...], unfoldings: Callable[[int], torch.Tensor], layer: str,

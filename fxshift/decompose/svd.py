@@ -1,7 +1,7 @@
 """Truncated SVD of a matrix, split into two factors (methods.md §5)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -20,6 +20,24 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(matrix.detach().double())
 
 
+def gram_svd(matrix: torch.Tensor, n_eigenvecs: Optional[int] = None, **_: object):
+    """Truncated SVD through the eigen-decomposition of the small Gram matrix A·Aᵀ.
+
+    HOOI only needs the leading left singular vectors of fat unfoldings (channels × the rest); an
+    eigh of a channels×channels matrix gets them many times faster than a full SVD. Returns
+    (U, S, Vᵀ) in tensorly's convention so that partial_tucker can use it as its `svd`.
+    """
+    transpose = matrix.shape[0] > matrix.shape[1]
+    a = matrix.T if transpose else matrix
+    k = min(a.shape) if n_eigenvecs is None else min(n_eigenvecs, min(a.shape))
+    eigenvalues, vectors = torch.linalg.eigh(a @ a.T)
+    order = torch.argsort(eigenvalues, descending=True)[:k]
+    s = eigenvalues[order].clamp_min(0).sqrt()
+    u = vectors[:, order]
+    v = (u.T @ a) / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
+    return (v.T, s, u.T) if transpose else (u, s, v)
+
+
 def svd_factors(matrix: torch.Tensor, rank: int) -> SVDFactors:
     """Best rank-`rank` factorisation of a T×S matrix (Eckart–Young), balanced by √Σ.
 
@@ -30,14 +48,16 @@ def svd_factors(matrix: torch.Tensor, rank: int) -> SVDFactors:
 
     Returns
     -------
-    SVDFactors(first (rank, S), second (T, rank)) in the matrix's dtype.
+    SVDFactors(first (rank, S), second (T, rank)) in the matrix's dtype. Computed through the
+    Gram matrix of the smaller side in float64: several times faster than a full SVD on large
+    classifier layers, and accurate for the well-conditioned weights of trained networks.
     """
     if matrix.ndim != 2:
         raise ValueError(f"expected a matrix, got a tensor of shape {tuple(matrix.shape)}")
     if not 1 <= rank <= min(matrix.shape):
         raise ValueError(f"rank {rank} is outside 1..{min(matrix.shape)} for a {tuple(matrix.shape)} matrix")
-    u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    first = root[:, None] * vh[:rank]
-    second = u[:, :rank] * root[None, :]
+    u, s, vh = gram_svd(matrix.detach().double(), rank)
+    root = s.sqrt()
+    first = root[:, None] * vh
+    second = u * root[None, :]
     return SVDFactors(first.to(matrix.dtype), second.to(matrix.dtype))

@@ -8,7 +8,7 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import partial_tucker
 
-from .svd import svd_factors
+from .svd import gram_svd, svd_factors
 
 
 class TuckerFactors(NamedTuple):
@@ -29,24 +29,6 @@ def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
 def mode_unfolding(weight: torch.Tensor, mode: int) -> torch.Tensor:
     """The mode-`mode` unfolding of a kernel: shape (weight.shape[mode], rest)."""
     return _unfold(weight.detach(), mode)
-
-
-def gram_svd(matrix: torch.Tensor, n_eigenvecs: Optional[int] = None, **_: object):
-    """Truncated SVD through the eigen-decomposition of the small Gram matrix A·Aᵀ.
-
-    HOOI only needs the leading left singular vectors of fat unfoldings (channels × the rest); an
-    eigh of a channels×channels matrix gets them many times faster than a full SVD. Returns
-    (U, S, Vᵀ) in tensorly's convention so that partial_tucker can use it as its `svd`.
-    """
-    transpose = matrix.shape[0] > matrix.shape[1]
-    a = matrix.T if transpose else matrix
-    k = min(a.shape) if n_eigenvecs is None else min(n_eigenvecs, min(a.shape))
-    eigenvalues, vectors = torch.linalg.eigh(a @ a.T)
-    order = torch.argsort(eigenvalues, descending=True)[:k]
-    s = eigenvalues[order].clamp_min(0).sqrt()
-    u = vectors[:, order]
-    v = (u.T @ a) / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
-    return (v.T, s, u.T) if transpose else (u, s, v)
 
 
 def tucker2(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int = 100, tol: float = 1e-4) -> TuckerFactors:

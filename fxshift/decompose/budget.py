@@ -1,0 +1,263 @@
+"""A whole-model cost budget for the decomposition passes, and the per-layer rank allocation.
+
+``Budget(macs=0.5)`` asks a decomposition pass for a model that keeps 50% of the original
+model's total MACs; ``Budget(params=0.3)`` 30% of its parameters; ``Budget(latency=0.5)`` half
+of its onnxruntime CPU latency. The pass then chooses every layer's rank itself:
+
+1. Candidates. For each layer it can decompose, the pass proposes a few ranks (one per entry of
+   ``Budget.fractions``: "keep about this fraction of the layer's cost"), and for each one an
+   estimate of the relative reconstruction error e = ‖W − Ŵ‖/‖W‖ (exact for SVD-based methods,
+   the HOSVD truncation for Tucker-2, a short ALS for CP) and its cost: MACs at the layer's
+   input shape, parameters, or latency measured in onnxruntime. Keeping the layer as it is
+   (cost unchanged, e = 0) is always a candidate.
+2. Allocation (:func:`allocate`). Minimise Σ_layers e² (the sum of the fractions of each
+   layer's weight energy that is lost) subject to
+   ``fixed cost + Σ_layers cost(choice) ≤ target × original total``, where the fixed cost is
+   everything no candidate changes (layers that cannot be decomposed count at their full cost).
+   It is a multiple-choice knapsack, solved in two steps:
+
+   a. Lagrangian descent: from "keep everything", repeatedly take the single step, over all
+      layers, with the smallest error increase per unit of cost saved, moving along the lower
+      convex hull of each layer's (cost, e²) candidates, until the budget is met. Every point
+      this reaches is optimal for the cost it reaches (the Lagrangian relaxation is exact on
+      the hulls).
+   b. Fill: the last step usually overshoots below the target; then repeatedly apply the
+      single-layer change (any candidate, hull or not) that lowers Σe² most while the total
+      stays within the budget.
+
+   The result keeps the cost at or just below the target. When even the cheapest candidate of
+   every layer cannot reach ``target × (1 + tolerance)``, ConfigError says what can be reached.
+3. Decomposition of each layer at its chosen rank (the final error is in the report).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from ..errors import ConfigError
+
+__all__ = ["Budget", "Candidate", "LayerCandidates", "Allocation", "allocate", "DEFAULT_FRACTIONS"]
+
+#: Per-layer cost fractions proposed as candidates: "keep about this fraction of the layer's cost".
+DEFAULT_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+_KINDS = ("macs", "params", "latency")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Keep a fraction of the whole model's MACs, parameters or onnxruntime latency.
+
+    Give exactly one of ``macs``, ``params``, ``latency``, each a fraction in (0, 1] of the
+    *original whole model's* total: ``Budget(macs=0.5)`` makes the decomposed model have about
+    50% of the original model's MACs (conv and linear MACs per sample, as fxshift.macs counts
+    them), ``Budget(params=0.3)`` about 30% of all its parameters (BatchNorm and every other
+    layer included), ``Budget(latency=0.5)`` about half of its batch latency in onnxruntime on
+    this machine's CPU. Layers the pass cannot or may not decompose count at their full cost. The
+    pass chooses per-layer ranks that meet the target with the smallest total reconstruction
+    error it can find (see fxshift.decompose.budget for the method).
+
+    Args:
+        macs, params, latency: the fraction to keep (exactly one of them).
+        tolerance: how far above the target the result may end when the target cannot be met
+            exactly (default 3%, relative); a target that cannot be reached within it raises
+            ConfigError. The allocation aims at or just below the target.
+        fractions: the candidate per-layer cost fractions (6–10 values in (0, 1) keep the search
+            and, for latency, the timing short).
+        threads: onnxruntime intra-op threads for latency (default: the CPUs this process may use).
+        cache: a JSON file that keeps layer latencies between runs (keyed by layer type, shape,
+            ranks and threads), in addition to the in-memory cache.
+        verify: for latency, also time the decomposed model and record the measured fraction.
+
+    ``macs`` and ``latency`` need the example_inputs given to fxshift.apply (the layers' input
+    shapes); ``params`` does not.
+
+    Example:
+        >>> gm = fxshift.apply([fxshift.TuckerDecomposePass(rank=fxshift.Budget(macs=0.5))], model, x)
+    """
+
+    macs: Optional[float] = None
+    params: Optional[float] = None
+    latency: Optional[float] = None
+    tolerance: float = 0.03
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    threads: Optional[int] = None
+    cache: Optional[str] = None
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        given = [k for k in _KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"Budget needs exactly one of macs=, params=, latency= (got {given or 'none'}), "
+                              "e.g. Budget(macs=0.5)")
+        value = getattr(self, given[0])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            raise ConfigError(f"Budget({given[0]}={value!r}): the fraction of the model to keep must lie in (0, 1]")
+        if not (isinstance(self.tolerance, (int, float)) and 0.0 <= self.tolerance < 0.5):
+            raise ConfigError(f"Budget tolerance {self.tolerance!r} must lie in [0, 0.5)")
+        fractions = tuple(self.fractions)
+        if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0
+                                for f in fractions):
+            raise ConfigError(f"Budget fractions {self.fractions!r} must be a non-empty list of values in (0, 1)")
+        object.__setattr__(self, "fractions", tuple(sorted(set(float(f) for f in fractions))))
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"Budget threads={self.threads!r} must be a positive int")
+
+    @property
+    def kind(self) -> str:
+        """"macs", "params" or "latency"."""
+        return next(k for k in _KINDS if getattr(self, k) is not None)
+
+    @property
+    def target(self) -> float:
+        """The fraction of the original total to keep."""
+        return float(getattr(self, self.kind))
+
+    def __repr__(self) -> str:
+        return f"Budget({self.kind}={self.target:g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "target": self.target, "tolerance": self.tolerance,
+                "fractions": list(self.fractions)}
+
+
+@dataclass
+class Candidate:
+    """One way to decompose a layer: the pass's rank, its cost and its estimated relative error."""
+
+    rank: Any
+    cost: float
+    error: float
+
+
+@dataclass
+class LayerCandidates:
+    """A layer's current cost and its candidate decompositions (cheaper ones only are used)."""
+
+    name: str
+    cost: float
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+@dataclass
+class Allocation:
+    """The chosen candidate per layer (None keeps the layer), the resulting and target totals."""
+
+    choice: dict[str, Optional[Candidate]]
+    total_before: float
+    total_after: float
+    target_total: float
+    squared_error: float
+
+    @property
+    def fraction(self) -> float:
+        """total_after / total_before."""
+        return self.total_after / self.total_before if self.total_before > 0 else 1.0
+
+
+def _options(layer: LayerCandidates) -> list[Candidate]:
+    """Keep (cost, 0) plus the Pareto-optimal cheaper candidates, by decreasing cost."""
+    keep = Candidate(None, float(layer.cost), 0.0)
+    cheaper = sorted((c for c in layer.candidates if c.cost < layer.cost and math.isfinite(c.error)),
+                     key=lambda c: (c.cost, c.error))
+    pareto: list[Candidate] = []
+    best = math.inf
+    for c in cheaper:  # increasing cost: keep a candidate only if it beats every cheaper one
+        if c.error < best - 1e-15:
+            pareto.append(c)
+            best = c.error
+    return [keep] + pareto[::-1]
+
+
+def _hull(options: list[Candidate]) -> list[int]:
+    """Indices (into options, by decreasing cost) of the lower convex hull of (cost, e²),
+    starting at "keep" and ending at the cheapest option."""
+    points = [(o.cost, o.error ** 2) for o in options]
+    order = sorted(range(len(points)), key=lambda i: points[i][0])  # increasing cost
+    hull: list[int] = []
+    for i in order:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2), (x3, y3) = points[hull[-2]], points[hull[-1]], points[i]
+            # keep the middle point only if it lies strictly below the chord
+            if (y2 - y1) * (x3 - x1) >= (y3 - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull[::-1]  # from "keep" (most expensive) to the cheapest
+
+
+def allocate(layers: Sequence[LayerCandidates], total: float, target_fraction: float,
+             tolerance: float = 0.03, unit: str = "") -> Allocation:
+    """Choose one candidate per layer so that the model's total cost is at most
+    ``target_fraction × total`` with the smallest Σ e² (see the module docstring).
+
+    Args:
+        layers: every layer the pass may decompose, with its current cost and its candidates.
+        total: the whole model's cost now (layers that are not listed count as fixed cost).
+        target_fraction: the fraction of `total` to keep.
+        tolerance: accept a result up to ``target × (1 + tolerance)`` when nothing cheaper exists.
+        unit: the cost's name, for messages.
+
+    Returns:
+        An Allocation; raises ConfigError when the target is out of reach.
+    """
+    target = target_fraction * total
+    options = {layer.name: _options(layer) for layer in layers}
+    current = {name: 0 for name in options}  # index into options: 0 = keep
+    hulls = {name: _hull(opts) for name, opts in options.items()}
+    position = {name: 0 for name in options}  # index into the hull
+    cost = float(total)
+
+    def step(name: str) -> Optional[tuple[float, str]]:
+        hull, at = hulls[name], position[name]
+        if at + 1 >= len(hull):
+            return None
+        here, there = options[name][hull[at]], options[name][hull[at + 1]]
+        saved = here.cost - there.cost
+        return ((there.error ** 2 - here.error ** 2) / saved if saved > 0 else math.inf, name)
+
+    heap = [s for s in (step(n) for n in options) if s is not None]
+    heapq.heapify(heap)
+    while cost > target and heap:
+        _, name = heapq.heappop(heap)
+        hull = hulls[name]
+        here, there = options[name][hull[position[name]]], options[name][hull[position[name] + 1]]
+        cost += there.cost - here.cost
+        position[name] += 1
+        current[name] = hull[position[name]]
+        nxt = step(name)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+
+    if cost > target * (1.0 + tolerance) + 1e-9 * abs(target):
+        cheapest = cost / total if total > 0 else 1.0
+        raise ConfigError(
+            f"the budget of {target_fraction:.1%} of the model's {unit or 'cost'} cannot be met: decomposing every "
+            f"layer this pass may decompose at its cheapest candidate keeps {cheapest:.1%}. Raise the target, "
+            "include more layers, or add smaller fractions to Budget(fractions=...)")
+
+    # Fill: spend what the last step left unused on the single changes that lower Σe² the most.
+    limit = max(cost, target)
+    while True:
+        best: Optional[tuple[float, str, int]] = None
+        for name, opts in options.items():
+            here = opts[current[name]]
+            for i, o in enumerate(opts):
+                gain = here.error ** 2 - o.error ** 2
+                if gain <= 1e-15 or cost - here.cost + o.cost > limit + 1e-9 * abs(limit):
+                    continue
+                if best is None or gain > best[0]:
+                    best = (gain, name, i)
+        if best is None:
+            break
+        _, name, i = best
+        cost += options[name][i].cost - options[name][current[name]].cost
+        current[name] = i
+
+    choice = {name: (options[name][i] if i else None) for name, i in current.items()}
+    squared = sum(options[name][i].error ** 2 for name, i in current.items())
+    return Allocation(choice, float(total), cost, target, squared)
