@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from torch import nn
+
 from ..costs import parameter_count
+from ..errors import FxshiftError
 from ..nn.base import RECOMPOSE_RULES
 from ..report import ReportRow, report
 from .layers import replace_module
@@ -25,6 +28,7 @@ class RecomposePass(PassBase):
         chains = [name for name, module in gm.named_modules() if name and type(module) in RECOMPOSE_RULES]
         for name in sorted(chains, key=lambda n: n.count("."), reverse=True):
             module = gm.get_submodule(name)
+            _check_plain(name, module)
             folded = RECOMPOSE_RULES[type(module)](module)
             folded.train(module.training)
             replace_module(gm, name, folded)
@@ -32,3 +36,12 @@ class RecomposePass(PassBase):
             rows.add(ReportRow(layer=name, pass_name=type(self).__name__, action="recomposed",
                                params_before=parameter_count(module), params_after=parameter_count(folded)))
         return PassResult(gm, modified)
+
+
+def _check_plain(name: str, chain: nn.Module) -> None:
+    """Only float Conv2d/Linear chains fold exactly; a product of power-of-two layers is not one."""
+    for child_name, child in chain.named_children():
+        if type(child) not in (nn.Conv2d, nn.Linear) and type(child) not in RECOMPOSE_RULES:
+            raise FxshiftError(
+                f"cannot recompose layer {name!r}: its part {child_name!r} is a {type(child).__name__}, not a float "
+                "Conv2d/Linear. Run RecomposePass before ShiftQuantizePass (or on the float model).")
