@@ -66,9 +66,13 @@ def _normalize(decl: str) -> str:
     return re.sub(r"\s*([(),*;])\s*", r"\1", decl)
 
 
-def _header_functions(path: Path) -> set:
+def _header_text(path: Path) -> str:
     text = re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.S)
-    return {_normalize(m.group(1) + ";") for m in re.finditer(r"FXS_API\s+([^;]+);", text)}
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def _header_functions(path: Path) -> set:
+    return {_normalize(m.group(1) + ";") for m in re.finditer(r"FXS_API\s+([^;]+);", _header_text(path))}
 
 
 def test_cdef_matches_headers():
@@ -80,10 +84,17 @@ def test_cdef_matches_headers():
     if cuda_header.exists():
         header |= _header_functions(cuda_header)
     assert header == cdef
+    text = _header_text(REPO / "native/include/fxshift.h")
     struct = re.search(r"typedef struct fxs_conv2d_shape \{(.*?)\}", native.CDEF, re.S).group(1)
-    hstruct = re.search(r"typedef struct fxs_conv2d_shape \{(.*?)\}",
-                        re.sub(r"/\*.*?\*/", "", (REPO / "native/include/fxshift.h").read_text()), re.S).group(1)
+    hstruct = re.search(r"typedef struct fxs_conv2d_shape \{(.*?)\}", text, re.S).group(1)
     assert _normalize(struct) == _normalize(hstruct)
+    # status codes and ISA ids
+    for name, value in re.findall(r"FXS_(ERR_\w+|OK)\s*=\s*(-?\d+)", text):
+        assert getattr(native, name) == int(value), name
+    for name, value in re.findall(r"FXS_ISA_(\w+)\s*=\s*(-?\d+)", text):
+        assert native.ISAS[name.lower()] == int(value), name
+    abi = re.search(r"FXS_ABI_VERSION (\d+)", (REPO / "native/include/fxshift.h").read_text()).group(1)
+    assert native.ABI_VERSION == int(abi)
 
 
 # ---- float kernels vs torch ------------------------------------------------------------------

@@ -115,6 +115,7 @@ ERR_THREADS = -13
 ERR_OUT_OF_MEMORY = -14
 ERR_CUDA = -15
 ERR_NO_DEVICE = -16
+ERR_BAD_POINTER = -17
 
 ISAS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512": 2}
 
@@ -223,7 +224,7 @@ def _raise(fn: str, status: int, detail: str = ""):
     msg = f"fxshift.ops.native.{fn}: {_message(lib, ffi, status)} (status {status})"
     if detail:
         msg += f"; {detail}"
-    if status in (ERR_OUT_OF_MEMORY, ERR_CUDA, ERR_NO_DEVICE):
+    if status in (ERR_OUT_OF_MEMORY, ERR_CUDA, ERR_NO_DEVICE, ERR_BAD_POINTER):
         raise NativeError(msg)
     raise NativeArgumentError(msg)
 

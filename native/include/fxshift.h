@@ -94,7 +94,8 @@ typedef enum fxs_status {
     FXS_ERR_THREADS = -13,         /* thread count outside [0, FXS_MAX_THREADS] */
     FXS_ERR_OUT_OF_MEMORY = -14,   /* scratch allocation failed */
     FXS_ERR_CUDA = -15,            /* a CUDA runtime call failed (CUDA library only) */
-    FXS_ERR_NO_DEVICE = -16        /* no usable CUDA device (CUDA library only) */
+    FXS_ERR_NO_DEVICE = -16,       /* no usable CUDA device (CUDA library only) */
+    FXS_ERR_BAD_POINTER = -17      /* a pointer is not device memory (CUDA library only) */
 } fxs_status;
 
 /* Instruction-set variants of the CPU kernels. */

@@ -294,7 +294,7 @@ static int32_t *random_fixed(int64_t n)
         switch (rndi(0, 9)) {
         case 0: p[i] = INT32_MIN; break;
         case 1: p[i] = INT32_MAX; break;
-        case 2: p[i] = (int32_t)rnd() * 2 + 1; break;
+        case 2: p[i] = (int32_t)(rnd() | 1u); break;
         default: p[i] = (int32_t)(rnd() & 0x1ffff) - 0x10000; break;
         }
     }

@@ -11,6 +11,7 @@
 #define FXS_ELEM_H
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #  define FXS_HD __host__ __device__
@@ -67,9 +68,9 @@ FXS_HD static inline float fxs_elem_bits_to_float(uint32_t b)
 #if defined(__CUDA_ARCH__)
     return __uint_as_float(b);
 #else
-    union { uint32_t u; float f; } v;
-    v.u = b;
-    return v.f;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
 #endif
 }
 

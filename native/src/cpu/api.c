@@ -35,6 +35,7 @@ const char *fxs_status_message(int status)
     case FXS_ERR_OUT_OF_MEMORY: return "out of memory for kernel scratch space";
     case FXS_ERR_CUDA: return "a CUDA runtime call failed";
     case FXS_ERR_NO_DEVICE: return "no usable CUDA device";
+    case FXS_ERR_BAD_POINTER: return "a pointer passed to a CUDA kernel is not device memory";
     default: return "unknown status code";
     }
 }
