@@ -101,3 +101,9 @@ def input_shapes(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
         for h in handles:
             h.remove()
     return shapes
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of everything the model's state_dict holds (weights, packed codes, norm statistics):
+    what a deployed copy of the weights costs."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

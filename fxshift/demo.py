@@ -3,8 +3,9 @@
     python -m fxshift.demo [--epochs 2] [--train-samples 20000]
 
 Stages: train in float → TuckerDecomposePass(0.5) → fine-tune → RecomposePass (the original
-architecture again). Each row: test accuracy, parameters, MACs, CPU latency (batch 1, median of
-interleaved runs).
+architecture again); DeepShift-Q 5-bit on the float model and on the fine-tuned Tucker model, each
+fine-tuned and frozen to packed 5-bit codes. Each row: test accuracy, parameters, MACs, weight
+bytes, CPU latency (batch 1, median of interleaved runs).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import fxshift
+from fxshift.costs import state_bytes
 from fxshift.data import fashion_mnist
 from fxshift.latency import interleaved_medians, torch_runner
 from fxshift.report import format_table
@@ -75,12 +77,13 @@ def stage_table(stages: list[Stage], example: torch.Tensor) -> str:
     """Accuracy, parameters, MACs and interleaved CPU latency (batch 1) of each stage."""
     latency = interleaved_medians({s.name: torch_runner(s.model, (example,)) for s in stages}, rounds=50)
     base = stages[0]
+    base_macs = fxshift.macs(base.model, example)
     rows = []
     for s in stages:
         params, macs = fxshift.parameter_count(s.model), fxshift.macs(s.model, example)
         rows.append({"stage": s.name, "accuracy %": f"{s.accuracy:.2f}", "params": f"{params / 1e3:.1f}k",
-                     "MACs": f"{macs / 1e6:.2f}M", "latency ms": f"{1e3 * latency[s.name]:.3f}",
-                     "MACs vs float": f"{fxshift.macs(base.model, example) / macs:.2f}x",
+                     "MACs": f"{macs / 1e6:.2f}M", "weights kB": f"{state_bytes(s.model) / 1e3:.1f}",
+                     "latency ms": f"{1e3 * latency[s.name]:.3f}", "MACs vs float": f"{base_macs / macs:.2f}x",
                      "speed vs float": f"{latency[base.name] / latency[s.name]:.2f}x"})
     return format_table(rows, list(rows[0]))
 
@@ -91,6 +94,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--train-samples", type=int, default=20000, help="training images used (of 60,000)")
     parser.add_argument("--rank", type=float, default=0.5, help="Tucker rank fraction")
+    parser.add_argument("--weight-bits", type=int, default=5, help="DeepShift weight bits")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -119,6 +123,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     original_again = small_cnn()
     original_again.load_state_dict(recomposed.state_dict())
     stages.append(Stage("recomposed", original_again.eval(), accuracy(original_again, test_loader)))
+
+    for name, start in (("shift-q5", model), ("tucker+shift-q5", tuned)):
+        shifted = fxshift.apply([fxshift.ShiftQuantizePass(mode="q", weight_bits=args.weight_bits)], start, example)
+        train_epochs(shifted, train_loader, args.finetune_epochs, lr=5e-4, desc=f"{name} fine-tune")
+        frozen = fxshift.freeze(shifted).eval()
+        stages.append(Stage(f"{name} frozen", frozen, accuracy(frozen, test_loader)))
 
     print()
     print(stage_table(stages, example))

@@ -184,3 +184,12 @@ def test_recompose_refuses_chains_with_shift_layers():
     gm = fxshift.apply([TuckerDecomposePass(rank=0.5, only_if_cheaper=False), fxshift.ShiftQuantizePass()], conv_model())
     with pytest.raises(fxshift.FxshiftError, match="cannot recompose layer '1'.*ShiftConv2d"):
         fxshift.apply([RecomposePass()], gm)
+
+
+def test_tucker1_rank_is_capped_by_the_kernel_size():
+    model = nn.Sequential(nn.Conv2d(1, 32, 3)).eval()
+    x = torch.randn(1, 1, 8, 8)
+    gm = fxshift.apply([TuckerDecomposePass(rank=0.5, only_if_cheaper=False)], model, x)
+    assert gm.get_submodule("0").ranks == (9, None)  # 1·3·3 = 9 < 16
+    with torch.no_grad():
+        assert rel_error(gm(x), model(x)) < 1e-5

@@ -1,11 +1,13 @@
 """TuckerDecomposePass: Tucker-2 (Tucker-1 for few input channels) on Conv2d, SVD on Linear."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence, Union
 
+import torch
 from torch import nn
 
-from ..decompose.ranks import mode_rank, mode_ranks
+from ..decompose.ranks import (distinct, hosvd_errors, linear_rank_for_cost, mode_rank, mode_ranks, tail_error,
+                               tucker1_rank_for_cost, tucker2_ranks_for_cost)
 from ..decompose.svd import svd_factors
 from ..decompose.tucker import mode_unfolding, relative_error, tucker1, tucker2, tucker_reconstruct
 from ..nn.low_rank_linear import LowRankLinear
@@ -20,8 +22,9 @@ class TuckerDecomposePass(DecompositionPass):
 
     Args:
         rank: a fraction in (0, 1] of each mode's channels, an int, an (r_out, r_in) tuple, "vbmf",
-            "energy:τ", a dict from layer name to any of these, or a callable (name, module) -> any
-            of these (None leaves the layer alone).
+            "energy:τ", a dict from layer name to any of these, a callable (name, module) -> any
+            of these (None leaves the layer alone), or fxshift.Budget(macs=…/params=…/latency=…)
+            for per-layer ranks chosen to meet a whole-model target.
         include, exclude: name patterns ("layer1.*") or module types choosing the layers.
         linear: also decompose nn.Linear layers.
         tucker1_max_in: convs with at most this many input channels get Tucker-1 (output mode only).
@@ -54,6 +57,8 @@ class TuckerDecomposePass(DecompositionPass):
         if s <= self.tucker1_max_in:
             r_out = mode_rank(rank[0] if isinstance(rank, (tuple, list)) else rank, t,
                               mode_unfolding(weight, 0), name, "output")
+            # The output unfolding has rank at most S·kh·kw: a larger rank would add nothing.
+            r_out = min(r_out, weight[0].numel())
             factors = tucker1(weight, r_out)
             ranks: tuple = (r_out, None)
         else:
@@ -69,3 +74,30 @@ class TuckerDecomposePass(DecompositionPass):
         factors = svd_factors(weight, r)
         error = relative_error(weight, factors.second @ factors.first)
         return Decision(LowRankLinear.from_factors(module, factors), rank=r, rel_error=error)
+
+    # Budget support: candidate ranks with their estimated errors, and the structure at a rank.
+    def budget_candidates(self, name: str, module: nn.Module,
+                          fractions: Sequence[float]) -> Union[str, list[tuple[Any, float]]]:
+        if isinstance(module, nn.Linear):
+            if not self.linear:
+                return "linear=False"
+            w = module.weight.detach()
+            ranks = distinct(linear_rank_for_cost(w.shape, f) for f in fractions)
+            spectrum = torch.linalg.svdvals(w.double())
+            return [(r, tail_error(spectrum, r)) for r in ranks]
+        if type(module) is not nn.Conv2d or module.groups != 1:
+            return self.decompose(name, module, 1).reason
+        w = module.weight.detach()
+        if w.shape[1] <= self.tucker1_max_in:
+            ranks = distinct(tucker1_rank_for_cost(w.shape, f) for f in fractions)
+            spectrum = torch.linalg.svdvals(mode_unfolding(w, 0).double())
+            return [((r, w.shape[1]), tail_error(spectrum, r)) for r in ranks]
+        pairs = distinct(tucker2_ranks_for_cost(w.shape, f) for f in fractions)
+        return list(zip(pairs, hosvd_errors(w, pairs)))
+
+    def structure(self, module: nn.Module, rank: Any) -> nn.Module:
+        if isinstance(module, nn.Linear):
+            return LowRankLinear.from_spec(module, {"rank": rank})
+        r_out, r_in = rank
+        return TuckerConv2d.from_spec(module, {"ranks": [r_out, None if module.in_channels <= self.tucker1_max_in
+                                                         else r_in]})
