@@ -376,3 +376,13 @@ def test_recompose_pass_directly_in_a_schedule_pipeline(data):
     assert not any(isinstance(m, TuckerConv2d) for m in model.modules())
     assert _opt_ids(optimizer) == _param_ids(model)
     _epoch(model, optimizer, data, 1)
+
+
+def test_device_mode_and_channels_last_are_kept():
+    model = _model().to(memory_format=torch.channels_last)
+    model.eval()
+    new, _ = _schedule(at_epoch=0).on_epoch_start(0, model, None)
+    assert not new.training
+    core = new.get_submodule("conv2.core").weight
+    assert core.is_contiguous(memory_format=torch.channels_last) and not core.is_contiguous()
+    assert all(p.device == torch.device("cpu") for p in new.parameters())

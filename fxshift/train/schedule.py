@@ -44,6 +44,13 @@ def _device_of(module: nn.Module) -> Optional[torch.device]:
     return None
 
 
+def _channels_last(module: nn.Module) -> bool:
+    """True when the module's 4-D weights are stored channels-last (a common CPU/GPU speed-up)."""
+    kernels = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+    return bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                 for p in kernels)
+
+
 def _to(inputs: Any, device: Optional[torch.device]) -> Any:
     if device is None or inputs is None:
         return inputs
@@ -93,11 +100,11 @@ class DecomposeSchedule:
     What a switch returns:
         a new model (a GraphModule from fxshift.apply, re-wrapped in DistributedDataParallel with
         the old wrapper's options when the model was wrapped; the caller's model is copied, never
-        changed, and keeps its device and train/eval mode), and a new optimizer of the same class
-        and hyper-parameters over exactly the new model's parameters, with the state of
-        parameters that survived (BatchNorm, untouched layers) carried over; LR schedulers given
-        as `lr_scheduler` are moved to it at their current position. See
-        fxshift.train.rebuild_optimizer for the rules.
+        changed; the new one keeps its device, train/eval mode and channels-last weights), and a
+        new optimizer of the same class and hyper-parameters over exactly the new model's
+        parameters, with the state of parameters that survived (BatchNorm, untouched layers)
+        carried over; LR schedulers given as `lr_scheduler` are moved to it at their current
+        position. See fxshift.train.rebuild_optimizer for the rules.
 
     Under DDP, every rank calls the schedule; the ranks apply the pipeline each, check that the
     structures agree and take the source rank's weights (fxshift.train.apply_synced).
@@ -197,6 +204,8 @@ class DecomposeSchedule:
         gm.train(was_training)
         if device is not None and any(t.device != device for t in list(gm.parameters()) + list(gm.buffers())):
             gm.to(device)
+        if _channels_last(base):
+            gm.to(memory_format=torch.channels_last)
         new_model: nn.Module = rewrap(ddp, gm) if ddp is not None else gm
         new_optimizer = None
         if optimizer is not None:
