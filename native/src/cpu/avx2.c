@@ -345,28 +345,138 @@ static void ukernel_6x16(int64_t kc, const float *a, const float *b, float *c, i
     }
 }
 
-/* Packs rows [0, M) of a row-major (M, K) float matrix into UMR-panels over K. */
-static void pack_a_rows(const float *src, int64_t M, int64_t K, int64_t ld, float *ap)
+/* Direct-conv tile: B rows are NR contiguous floats at bbase + off[k]. */
+static void ukernel_ind_6x16(int64_t K, const float *a, const float *bbase, const int64_t *off,
+                             float *tile)
 {
-    int64_t p, k;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    int64_t k;
+    for (k = 0; k < K; ++k) {
+        const float *b = bbase + off[k];
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), av;
+        av = _mm256_broadcast_ss(a + 0);
+        c00 = _mm256_fmadd_ps(av, b0, c00);
+        c01 = _mm256_fmadd_ps(av, b1, c01);
+        av = _mm256_broadcast_ss(a + 1);
+        c10 = _mm256_fmadd_ps(av, b0, c10);
+        c11 = _mm256_fmadd_ps(av, b1, c11);
+        av = _mm256_broadcast_ss(a + 2);
+        c20 = _mm256_fmadd_ps(av, b0, c20);
+        c21 = _mm256_fmadd_ps(av, b1, c21);
+        av = _mm256_broadcast_ss(a + 3);
+        c30 = _mm256_fmadd_ps(av, b0, c30);
+        c31 = _mm256_fmadd_ps(av, b1, c31);
+        av = _mm256_broadcast_ss(a + 4);
+        c40 = _mm256_fmadd_ps(av, b0, c40);
+        c41 = _mm256_fmadd_ps(av, b1, c41);
+        av = _mm256_broadcast_ss(a + 5);
+        c50 = _mm256_fmadd_ps(av, b0, c50);
+        c51 = _mm256_fmadd_ps(av, b1, c51);
+        a += UMR;
+    }
+    _mm256_storeu_ps(tile + 0 * UNR, c00);
+    _mm256_storeu_ps(tile + 0 * UNR + 8, c01);
+    _mm256_storeu_ps(tile + 1 * UNR, c10);
+    _mm256_storeu_ps(tile + 1 * UNR + 8, c11);
+    _mm256_storeu_ps(tile + 2 * UNR, c20);
+    _mm256_storeu_ps(tile + 2 * UNR + 8, c21);
+    _mm256_storeu_ps(tile + 3 * UNR, c30);
+    _mm256_storeu_ps(tile + 3 * UNR + 8, c31);
+    _mm256_storeu_ps(tile + 4 * UNR, c40);
+    _mm256_storeu_ps(tile + 4 * UNR + 8, c41);
+    _mm256_storeu_ps(tile + 5 * UNR, c50);
+    _mm256_storeu_ps(tile + 5 * UNR + 8, c51);
+}
+
+static void tile_store_16(const float *tile, int rows, int j, int len, float *y0, int64_t ldy,
+                          const float *bias)
+{
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(len), lanes);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(len - 8), lanes);
     int i;
-    for (p = 0; p < M; p += UMR) {
-        float *dst = ap + p * K;
-        for (k = 0; k < K; ++k)
-            for (i = 0; i < UMR; ++i)
-                dst[k * UMR + i] = p + i < M ? src[(p + i) * ld + k] : 0.0f;
+    for (i = 0; i < rows; ++i) {
+        const float *src = tile + i * UNR + j;
+        float *dst = y0 + i * ldy;
+        __m256 b = _mm256_set1_ps(bias ? bias[i] : 0.0f);
+        _mm256_maskstore_ps(dst, m0, _mm256_add_ps(_mm256_maskload_ps(src, m0), b));
+        if (len > 8)
+            _mm256_maskstore_ps(dst + 8, m1, _mm256_add_ps(_mm256_maskload_ps(src + 8, m1), b));
     }
 }
 
-/* ---- batched linear (batch > 4): y = x W^T via GEMM ---------------------------------- */
-typedef struct {
-    const uint32_t *w;
-    int64_t row_words, out_features;
-    int bits, has_zero;
-} wt_pack_ctx;
+/* ---- packing for the GEMM drivers (gemm_common.h) ---------------------------------- */
 
-/* B block = W^T rows k0..k0+kc, columns (output features) n0..n0+nc. */
-FXS_INLINE void pack_wt_tmpl(const wt_pack_ctx *c, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+/* A panel of up to 6 weight rows: the rows' words are transposed (one vector
+ * per word index), so slot i of every row decodes with one immediate shift;
+ * 6 of the 8 lanes are stored per k (masked). */
+FXS_INLINE void pack_a_codes_tmpl(const uint32_t *w, int64_t row_words, int rows, int64_t K,
+                                  float *panel, const int BITS, const int HZ)
+{
+    const int PW = 32 / BITS;
+    const __m256i mask6 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+    int64_t wi;
+    for (wi = 0; wi < row_words; ++wi) {
+        uint32_t wt[8] __attribute__((aligned(32))) = {0, 0, 0, 0, 0, 0, 0, 0};
+        __m256i v;
+        int r, i;
+        for (r = 0; r < rows; ++r)
+            wt[r] = w[r * row_words + wi];
+        v = _mm256_load_si256((const __m256i *)wt);
+        if ((wi + 1) * PW <= K) {
+#pragma GCC unroll 16
+            for (i = 0; i < PW; ++i)
+                _mm256_maskstore_ps(panel + (wi * PW + i) * UMR, mask6,
+                                    _mm256_castsi256_ps(dec8_at(v, i * BITS, BITS, HZ)));
+        } else {
+#pragma GCC unroll 16
+            for (i = 0; i < PW; ++i)
+                if (wi * PW + i < K)
+                    _mm256_maskstore_ps(panel + (wi * PW + i) * UMR, mask6,
+                                        _mm256_castsi256_ps(dec8_at(v, i * BITS, BITS, HZ)));
+        }
+    }
+}
+
+#define PACK_A_INST(BITS)                                                                      \
+    static void pack_a_##BITS##_0(const uint32_t *w, int64_t rw, int rows, int64_t K, float *p) \
+    {                                                                                          \
+        pack_a_codes_tmpl(w, rw, rows, K, p, BITS, 0);                                         \
+    }                                                                                          \
+    static void pack_a_##BITS##_1(const uint32_t *w, int64_t rw, int rows, int64_t K, float *p) \
+    {                                                                                          \
+        pack_a_codes_tmpl(w, rw, rows, K, p, BITS, 1);                                         \
+    }
+PACK_A_INST(2)
+PACK_A_INST(3)
+PACK_A_INST(4)
+PACK_A_INST(5)
+PACK_A_INST(6)
+PACK_A_INST(7)
+PACK_A_INST(8)
+PACK_A_INST(9)
+typedef void (*pack_a_fn)(const uint32_t *w, int64_t rw, int rows, int64_t K, float *p);
+static const pack_a_fn pack_a_tab[8][2] = {
+    {pack_a_2_0, pack_a_2_1}, {pack_a_3_0, pack_a_3_1}, {pack_a_4_0, pack_a_4_1},
+    {pack_a_5_0, pack_a_5_1}, {pack_a_6_0, pack_a_6_1}, {pack_a_7_0, pack_a_7_1},
+    {pack_a_8_0, pack_a_8_1}, {pack_a_9_0, pack_a_9_1}};
+
+static void pack_a_codes(const uint32_t *w, int64_t row_words, int rows, int64_t K, int bits,
+                         int has_zero, float *panel)
+{
+    pack_a_tab[bits - 2][has_zero](w, row_words, rows, K, panel);
+}
+
+static void pack_im2col_16(const void *ctx, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+                           float *bp)
+{
+    fxs_im2col_pack((const fxs_im2col *)ctx, n0, nc, k0, kc, (uint32_t *)bp, UNR);
+}
+
+/* B block = W^T rows k0..k0+kc, columns (output features) n0..n0+nc: the 16
+ * rows' words are transposed, then each slot decodes with one immediate shift. */
+FXS_INLINE void pack_wt_tmpl(const fxs_wt_ctx *c, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
                              float *bp, const int BITS, const int HZ)
 {
     const int PW = 32 / BITS;
@@ -411,12 +521,12 @@ FXS_INLINE void pack_wt_tmpl(const wt_pack_ctx *c, int64_t n0, int64_t nc, int64
     static void pack_wt_##BITS##_0(const void *c, int64_t n0, int64_t nc, int64_t k0,          \
                                    int64_t kc, float *bp)                                      \
     {                                                                                          \
-        pack_wt_tmpl((const wt_pack_ctx *)c, n0, nc, k0, kc, bp, BITS, 0);                     \
+        pack_wt_tmpl((const fxs_wt_ctx *)c, n0, nc, k0, kc, bp, BITS, 0);                      \
     }                                                                                          \
     static void pack_wt_##BITS##_1(const void *c, int64_t n0, int64_t nc, int64_t k0,          \
                                    int64_t kc, float *bp)                                      \
     {                                                                                          \
-        pack_wt_tmpl((const wt_pack_ctx *)c, n0, nc, k0, kc, bp, BITS, 1);                     \
+        pack_wt_tmpl((const fxs_wt_ctx *)c, n0, nc, k0, kc, bp, BITS, 1);                      \
     }
 PACK_WT_INST(2)
 PACK_WT_INST(3)
@@ -426,201 +536,33 @@ PACK_WT_INST(6)
 PACK_WT_INST(7)
 PACK_WT_INST(8)
 PACK_WT_INST(9)
-static const fxs_pack_b_fn pack_wt_tab[8][2] = {
-    {pack_wt_2_0, pack_wt_2_1}, {pack_wt_3_0, pack_wt_3_1}, {pack_wt_4_0, pack_wt_4_1},
-    {pack_wt_5_0, pack_wt_5_1}, {pack_wt_6_0, pack_wt_6_1}, {pack_wt_7_0, pack_wt_7_1},
-    {pack_wt_8_0, pack_wt_8_1}, {pack_wt_9_0, pack_wt_9_1}};
 
-typedef struct {
-    fxs_gemm g;
-    int64_t mc, nc, nb;
-    float *bbuf;
-    int64_t bbuf_stride;
-} gemm_job_ctx;
-
-static void linear_gemm_job(void *vctx, int64_t job, int tid)
-{
-    const gemm_job_ctx *c = (const gemm_job_ctx *)vctx;
-    int64_t mb = job / c->nb, nb = job % c->nb;
-    int64_t m0 = mb * c->mc, n0 = nb * c->nc;
-    int64_t mc = c->g.M - m0 < c->mc ? c->g.M - m0 : c->mc;
-    int64_t nc = c->g.N - n0 < c->nc ? c->g.N - n0 : c->nc;
-    fxs_gemm_block(&c->g, m0, mc, n0, nc, c->bbuf + (int64_t)tid * c->bbuf_stride);
-}
-
-static int avx2_linear_gemm(const fxs_linear_args *a)
-{
-    gemm_job_ctx c;
-    wt_pack_ctx pc;
-    int nt = fxs_get_num_threads();
-    int64_t mb;
-    float *ap;
-    memset(&c, 0, sizeof c);
-    c.g.M = a->batch;
-    c.g.N = a->out_features;
-    c.g.K = a->in_features;
-    c.g.MR = UMR;
-    c.g.NR = UNR;
-    fxs_gemm_blocking(c.g.M, c.g.N, UMR, UNR, 1, nt, 240, 256, &c.mc, &c.nc);
-    ap = (float *)fxs_alloc(fxs_bytes3((c.g.M + UMR - 1) / UMR * UMR, c.g.K, 4));
-    c.bbuf_stride = FXS_KC * c.nc;
-    c.bbuf = (float *)fxs_alloc(fxs_bytes3(nt, c.bbuf_stride, 4));
-    if (!ap || !c.bbuf) {
-        fxs_free(ap);
-        fxs_free(c.bbuf);
-        return FXS_ERR_OUT_OF_MEMORY;
-    }
-    pack_a_rows((const float *)a->x, a->batch, a->in_features, a->in_features, ap);
-    pc.w = a->w;
-    pc.row_words = a->row_words;
-    pc.out_features = a->out_features;
-    pc.bits = a->bits;
-    pc.has_zero = a->has_zero;
-    c.g.ap = ap;
-    c.g.pack_b = pack_wt_tab[a->bits - 2][a->has_zero];
-    c.g.ctx_b = &pc;
-    c.g.ukernel = ukernel_6x16;
-    c.g.c = a->y;
-    c.g.rs_c = a->out_features;
-    c.g.cs_c = 1;
-    c.g.bias_n = (const float *)a->bias;
-    c.nb = (c.g.N + c.nc - 1) / c.nc;
-    mb = (c.g.M + c.mc - 1) / c.mc;
-    fxs_parallel(mb * c.nb, nt, linear_gemm_job, &c);
-    fxs_free(ap);
-    fxs_free(c.bbuf);
-    return FXS_OK;
-}
+static const fxs_gemm_isa avx2_gemm = {
+    UMR,
+    UNR,
+    ukernel_6x16,
+    pack_a_codes,
+    pack_im2col_16,
+    {{pack_wt_2_0, pack_wt_2_1},
+     {pack_wt_3_0, pack_wt_3_1},
+     {pack_wt_4_0, pack_wt_4_1},
+     {pack_wt_5_0, pack_wt_5_1},
+     {pack_wt_6_0, pack_wt_6_1},
+     {pack_wt_7_0, pack_wt_7_1},
+     {pack_wt_8_0, pack_wt_8_1},
+     {pack_wt_9_0, pack_wt_9_1}},
+    1,
+    {{UMR, UNR, ukernel_ind_6x16, tile_store_16, pack_a_codes}},
+};
 
 #define GEMV_MAX_BATCH 4
 
 static int avx2_linear_f32(const fxs_linear_args *a)
 {
-    return a->batch <= GEMV_MAX_BATCH ? avx2_gemv(a) : avx2_linear_gemm(a);
+    return a->batch <= GEMV_MAX_BATCH ? avx2_gemv(a) : fxs_linear_gemm(a, &avx2_gemm);
 }
 
-/* ---- conv2d ------------------------------------------------------------------------- */
-typedef struct {
-    const fxs_conv_args *a;
-    float *ap;        /* groups x panels(Mg) x K x UMR */
-    int64_t ap_group; /* floats per group */
-    float *tmp;       /* per thread: K floats */
-} conv_apack_ctx;
-
-static void conv_apack_job(void *vctx, int64_t job, int tid)
-{
-    const conv_apack_ctx *c = (const conv_apack_ctx *)vctx;
-    const fxs_conv_args *a = c->a;
-    int64_t K = a->z.k, Mg = a->z.o_per_group;
-    int64_t panels = (Mg + UMR - 1) / UMR;
-    int64_t g = job / panels, p = job % panels, k;
-    float *dst = c->ap + g * c->ap_group + p * UMR * K;
-    float *tmp = c->tmp + (int64_t)tid * ((K + 15) & ~(int64_t)15);
-    int i;
-    for (i = 0; i < UMR; ++i) {
-        int64_t row = p * UMR + i;
-        if (row < Mg)
-            avx2_decode_row(a->w + (g * Mg + row) * a->z.row_words, 0, K, a->bits, a->has_zero,
-                            tmp);
-        else
-            memset(tmp, 0, (size_t)K * sizeof(float));
-        for (k = 0; k < K; ++k)
-            dst[k * UMR + i] = tmp[k];
-    }
-}
-
-static void pack_im2col_16(const void *ctx, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
-                           float *bp)
-{
-    fxs_im2col_pack((const fxs_im2col *)ctx, n0, nc, k0, kc, (uint32_t *)bp, UNR);
-}
-
-typedef struct {
-    const fxs_conv_args *a;
-    const float *ap;
-    int64_t ap_group;
-    const fxs_conv_tap *taps;
-    int64_t mc, nc, mb, nb;
-    float *bbuf;
-    int64_t bbuf_stride;
-} conv_ctx;
-
-static void conv_job(void *vctx, int64_t job, int tid)
-{
-    const conv_ctx *c = (const conv_ctx *)vctx;
-    const fxs_conv_args *a = c->a;
-    const fxs_conv2d_shape *s = &a->s;
-    int64_t per_inst = c->mb * c->nb;
-    int64_t inst = job / per_inst, rem = job % per_inst;
-    int64_t n = inst / s->groups, g = inst % s->groups;
-    int64_t mb = rem / c->nb, nb = rem % c->nb;
-    int64_t Mg = a->z.o_per_group, P = a->z.out_h * a->z.out_w;
-    int64_t m0 = mb * c->mc, n0 = nb * c->nc;
-    fxs_im2col ic;
-    fxs_gemm gm;
-    ic.x = (const uint32_t *)a->x + (n * s->c + g * a->z.c_per_group) * s->h * s->w;
-    ic.h = s->h;
-    ic.w = s->w;
-    ic.out_w = a->z.out_w;
-    ic.stride_h = s->stride_h;
-    ic.stride_w = s->stride_w;
-    ic.taps = c->taps;
-    gm.M = Mg;
-    gm.N = P;
-    gm.K = a->z.k;
-    gm.MR = UMR;
-    gm.NR = UNR;
-    gm.ap = c->ap + g * c->ap_group;
-    gm.pack_b = pack_im2col_16;
-    gm.ctx_b = &ic;
-    gm.ukernel = ukernel_6x16;
-    gm.c = a->y + (n * s->out_channels + g * Mg) * P;
-    gm.rs_c = P;
-    gm.cs_c = 1;
-    gm.bias_m = a->bias ? (const float *)a->bias + g * Mg : NULL;
-    gm.bias_n = NULL;
-    fxs_gemm_block(&gm, m0, Mg - m0 < c->mc ? Mg - m0 : c->mc, n0, P - n0 < c->nc ? P - n0 : c->nc,
-                   c->bbuf + (int64_t)tid * c->bbuf_stride);
-}
-
-static int avx2_conv2d_f32(const fxs_conv_args *a)
-{
-    conv_apack_ctx pc;
-    conv_ctx c;
-    int nt = fxs_get_num_threads();
-    int64_t K = a->z.k, Mg = a->z.o_per_group, P = a->z.out_h * a->z.out_w;
-    int64_t panels = (Mg + UMR - 1) / UMR;
-    fxs_conv_tap *taps;
-    int st = FXS_OK;
-    memset(&c, 0, sizeof c);
-    pc.a = a;
-    pc.ap_group = panels * UMR * K;
-    pc.ap = (float *)fxs_alloc(fxs_bytes3(a->s.groups, pc.ap_group, 4));
-    pc.tmp = (float *)fxs_alloc(fxs_bytes3(nt, (K + 15) & ~(int64_t)15, 4));
-    taps = (fxs_conv_tap *)fxs_alloc(fxs_bytes3(K, sizeof(fxs_conv_tap), 1));
-    fxs_gemm_blocking(Mg, P, UMR, UNR, a->s.n * a->s.groups, nt, 480, 256, &c.mc, &c.nc);
-    c.bbuf_stride = FXS_KC * c.nc;
-    c.bbuf = (float *)fxs_alloc(fxs_bytes3(nt, c.bbuf_stride, 4));
-    if (!pc.ap || !pc.tmp || !taps || !c.bbuf) {
-        st = FXS_ERR_OUT_OF_MEMORY;
-        goto done;
-    }
-    fxs_parallel(a->s.groups * panels, nt, conv_apack_job, &pc);
-    fxs_conv_taps(&a->s, a->z.c_per_group, taps);
-    c.a = a;
-    c.ap = pc.ap;
-    c.ap_group = pc.ap_group;
-    c.taps = taps;
-    c.mb = (Mg + c.mc - 1) / c.mc;
-    c.nb = (P + c.nc - 1) / c.nc;
-    fxs_parallel(a->s.n * a->s.groups * c.mb * c.nb, nt, conv_job, &c);
-done:
-    fxs_free(pc.ap);
-    fxs_free(pc.tmp);
-    fxs_free(taps);
-    fxs_free(c.bbuf);
-    return st;
-}
+static int avx2_conv2d_f32(const fxs_conv_args *a) { return fxs_conv2d_f32(a, &avx2_gemm); }
 
 /* ---- fixed point ------------------------------------------------------------------- */
 /* Contribution vector of 8 codes at bit P of w applied to int32 x: +-(x >> m) or 0. */
