@@ -21,4 +21,4 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
-echo "setup: done ($(.venv/bin/python -c 'import fxshift, torch; print("fxshift", fxshift.__version__, "torch", torch.__version__)'))"
+.venv/bin/python -c 'import fxshift, torch; print("setup: done, fxshift", fxshift.__version__, "torch", torch.__version__)' 
