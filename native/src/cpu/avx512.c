@@ -236,20 +236,25 @@ typedef void (*gemv_fn)(const gemv_args *g, int64_t r0, int64_t r1);
     }
 #define GEMV_INST_B(BITS, HZ)                                                                  \
     GEMV_INST(BITS, HZ, 1) GEMV_INST(BITS, HZ, 2) GEMV_INST(BITS, HZ, 3) GEMV_INST(BITS, HZ, 4)
-#define GEMV_INST_ALL(BITS) GEMV_INST_B(BITS, 0) GEMV_INST_B(BITS, 1)
-GEMV_INST_ALL(2)
-GEMV_INST_ALL(3)
-GEMV_INST_ALL(4)
-GEMV_INST_ALL(5)
-GEMV_INST_ALL(6)
-GEMV_INST_ALL(7)
-GEMV_INST_ALL(8)
-GEMV_INST_ALL(9)
-#define GEMV_ROW(BITS)                                                                         \
-    {{gemv_##BITS##_0_1, gemv_##BITS##_0_2, gemv_##BITS##_0_3, gemv_##BITS##_0_4},            \
-     {gemv_##BITS##_1_1, gemv_##BITS##_1_2, gemv_##BITS##_1_3, gemv_##BITS##_1_4}}
-static const gemv_fn gemv_tab[8][2][4] = {GEMV_ROW(2), GEMV_ROW(3), GEMV_ROW(4), GEMV_ROW(5),
-                                          GEMV_ROW(6), GEMV_ROW(7), GEMV_ROW(8), GEMV_ROW(9)};
+/* For bits <= 6 the table lookup handles the zero code: one variant serves both. */
+GEMV_INST_B(2, 0)
+GEMV_INST_B(3, 0)
+GEMV_INST_B(4, 0)
+GEMV_INST_B(5, 0)
+GEMV_INST_B(6, 0)
+GEMV_INST_B(7, 0)
+GEMV_INST_B(7, 1)
+GEMV_INST_B(8, 0)
+GEMV_INST_B(8, 1)
+GEMV_INST_B(9, 0)
+GEMV_INST_B(9, 1)
+#define GEMV_VARIANTS(BITS, HZ)                                                                \
+    {gemv_##BITS##_##HZ##_1, gemv_##BITS##_##HZ##_2, gemv_##BITS##_##HZ##_3, gemv_##BITS##_##HZ##_4}
+#define GEMV_ROW_LUT(BITS) {GEMV_VARIANTS(BITS, 0), GEMV_VARIANTS(BITS, 0)}
+#define GEMV_ROW(BITS) {GEMV_VARIANTS(BITS, 0), GEMV_VARIANTS(BITS, 1)}
+static const gemv_fn gemv_tab[8][2][4] = {GEMV_ROW_LUT(2), GEMV_ROW_LUT(3), GEMV_ROW_LUT(4),
+                                          GEMV_ROW_LUT(5), GEMV_ROW_LUT(6), GEMV_ROW(7),
+                                          GEMV_ROW(8),     GEMV_ROW(9)};
 
 #define GEMV_ROWS_PER_JOB 32
 
@@ -447,30 +452,66 @@ static void tile_store_48(const float *tile, int rows, int j, int len, float *y0
 }
 
 /* ---- packing for the GEMM drivers --------------------------------------------------------- */
+/* Float32 bit patterns of the 32 codes of (bits <= 5, has_zero) as two
+ * 16-entry halves for vpermt2d (index = code, garbage above bit 4 ignored;
+ * narrower codes see the table repeated). */
+FXS_INLINE void f32_lut(int bits, int has_zero, __m512i *lo, __m512i *hi)
+{
+    uint32_t t[32] __attribute__((aligned(64)));
+    int i;
+    for (i = 0; i < 32; ++i)
+        t[i] = fxs_elem_decode_bits((uint32_t)i & ((1u << bits) - 1u), bits, has_zero);
+    *lo = _mm512_load_si512((const void *)t);
+    *hi = _mm512_load_si512((const void *)(t + 16));
+}
+
+/* Float bits of slot i (codes at bit i*BITS) of 16 words. */
+FXS_INLINE __m512i dec16_slot(__m512i w, const int i, __m512i lo, __m512i hi, const int BITS,
+                              const int HZ)
+{
+    if (BITS <= 5)
+        return _mm512_permutex2var_epi32(lo, i ? _mm512_srli_epi32(w, i * BITS) : w, hi);
+    return dec16_at(w, i * BITS, BITS, HZ);
+}
+
+/* One A panel [K][MR] from MR packed rows: the rows' words are gathered
+ * (one vector per word index), then slot i of every row decodes at once. */
 FXS_INLINE void pack_a_codes_tmpl(const uint32_t *w, int64_t row_words, int rows, int64_t K,
                                   float *panel, const int BITS, const int HZ, const int MR)
 {
     const int PW = 32 / BITS;
     const __mmask16 mmr = (__mmask16)((1u << MR) - 1u);
+    const __mmask16 mrows = (__mmask16)((1u << rows) - 1u);
+    const int use_gather = row_words <= (int64_t)0x7fffffff / 16;
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                             12, 13, 14, 15),
+                                           _mm512_set1_epi32(use_gather ? (int)row_words : 0));
+    __m512i lo, hi;
     int64_t wi;
+    f32_lut(BITS, HZ, &lo, &hi);
     for (wi = 0; wi < row_words; ++wi) {
-        uint32_t wt[16] __attribute__((aligned(64)));
         __m512i v;
-        int r, i;
-        for (r = 0; r < 16; ++r)
-            wt[r] = r < rows ? w[r * row_words + wi] : 0u;
-        v = _mm512_load_si512((const void *)wt);
+        int i;
+        if (use_gather) {
+            v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mrows, idx, w + wi, 4);
+        } else {
+            uint32_t wt[16] __attribute__((aligned(64)));
+            int r;
+            for (r = 0; r < 16; ++r)
+                wt[r] = r < rows ? w[r * row_words + wi] : 0u;
+            v = _mm512_load_si512((const void *)wt);
+        }
         if ((wi + 1) * PW <= K) {
 #pragma GCC unroll 16
             for (i = 0; i < PW; ++i)
                 _mm512_mask_storeu_ps(panel + (wi * PW + i) * MR, mmr,
-                                      _mm512_castsi512_ps(dec16_at(v, i * BITS, BITS, HZ)));
+                                      _mm512_castsi512_ps(dec16_slot(v, i, lo, hi, BITS, HZ)));
         } else {
 #pragma GCC unroll 16
             for (i = 0; i < PW; ++i)
                 if (wi * PW + i < K)
                     _mm512_mask_storeu_ps(panel + (wi * PW + i) * MR, mmr,
-                                          _mm512_castsi512_ps(dec16_at(v, i * BITS, BITS, HZ)));
+                                          _mm512_castsi512_ps(dec16_slot(v, i, lo, hi, BITS, HZ)));
         }
     }
 }
@@ -522,6 +563,8 @@ FXS_INLINE void pack_wt_tmpl(const fxs_wt_ctx *c, int64_t n0, int64_t nc, int64_
 {
     const int PW = 32 / BITS;
     int64_t q, wi, wfirst = k0 / PW, wlast = (k0 + kc - 1) / PW;
+    __m512i lo, hi;
+    f32_lut(BITS, HZ, &lo, &hi);
     for (q = 0; q < nc; q += UNR) {
         float *pan = bp + (q / UNR) * UNR * kc;
         int cnt = (int)(nc - q < UNR ? nc - q : UNR), jj;
@@ -542,8 +585,8 @@ FXS_INLINE void pack_wt_tmpl(const fxs_wt_ctx *c, int64_t n0, int64_t nc, int64_
                 float *dst = pan + (kbase + i) * UNR;
                 if (kbase + i < 0 || kbase + i >= kc)
                     continue;
-                _mm512_storeu_si512((void *)dst, dec16_at(w0, i * BITS, BITS, HZ));
-                _mm512_storeu_si512((void *)(dst + 16), dec16_at(w1, i * BITS, BITS, HZ));
+                _mm512_storeu_si512((void *)dst, dec16_slot(w0, i, lo, hi, BITS, HZ));
+                _mm512_storeu_si512((void *)(dst + 16), dec16_slot(w1, i, lo, hi, BITS, HZ));
             }
         }
     }

@@ -482,6 +482,10 @@ static inline void fxs_fill_row(float *drow, int64_t Wq, const float *src, int64
     memset(drow, 0, (size_t)lo * sizeof(float));
     if (sw == 1) {
         memcpy(drow + lo, src + lo + x0, (size_t)(hi - lo) * sizeof(float));
+    } else if (sw == 2) { /* constant stride: vectorised (even/odd deinterleave) */
+        const float *sp = src + x0;
+        for (q = lo; q < hi; ++q)
+            drow[q] = sp[2 * q];
     } else {
         const float *sp = src + x0;
         for (q = lo; q < hi; ++q)
@@ -514,55 +518,56 @@ static void fxs_direct_fill_job(void *vctx, int64_t job, int tid)
 typedef struct {
     const fxs_conv_args *a;
     const fxs_direct_cfg *cfg;
-    const float *ap;           /* A panels per group (fxs_conv_apack_job) */
-    int64_t ap_group;
     const float *xq;
     const int64_t *off;
     int64_t Wq, chan_stride, img_floats;
-    int64_t tiles, tile_blk, panels, panel_blk, n_tb, n_pb;
+    int64_t tiles;             /* tiles per image */
+    int64_t panels;            /* A panels per group */
+    int64_t tile_blk, n_tb;    /* blocks over the (image, tile) pairs */
+    float *ap;                 /* per thread: one A panel (K x MR) */
     float *tmp;                /* per thread: MR * NR floats */
 } fxs_direct_ctx;
 
+/* job = (group, panel, block of (image, tile) pairs): the panel's weights are
+ * decoded into a thread-local buffer (stays in L2) and used for every tile. */
 static void fxs_direct_job(void *vctx, int64_t job, int tid)
 {
     const fxs_direct_ctx *c = (const fxs_direct_ctx *)vctx;
     const fxs_conv_args *a = c->a;
     const fxs_conv2d_shape *s = &a->s;
     const int MR = c->cfg->MR, NR = c->cfg->NR;
-    int64_t per_inst = c->n_pb * c->n_tb;
-    int64_t inst = job / per_inst, rem = job % per_inst;
-    int64_t n = inst / s->groups, g = inst % s->groups;
-    int64_t pb = rem / c->n_tb, tb = rem % c->n_tb;
-    int64_t Mg = a->z.o_per_group, out_w = a->z.out_w, out_h = a->z.out_h;
-    int64_t P = out_h * out_w, p, t;
-    int64_t p1 = (pb + 1) * c->panel_blk < c->panels ? (pb + 1) * c->panel_blk : c->panels;
-    int64_t t1 = (tb + 1) * c->tile_blk < c->tiles ? (tb + 1) * c->tile_blk : c->tiles;
-    const float *bimg = c->xq + n * c->img_floats + g * a->z.c_per_group * c->chan_stride;
+    int64_t gp = job / c->n_tb, tb = job % c->n_tb;
+    int64_t g = gp / c->panels, p = gp % c->panels;
+    int64_t Mg = a->z.o_per_group, out_w = a->z.out_w, out_h = a->z.out_h, K = a->z.k;
+    int64_t P = out_h * out_w, it;
+    int64_t it1 = (tb + 1) * c->tile_blk < s->n * c->tiles ? (tb + 1) * c->tile_blk : s->n * c->tiles;
+    int rows = (int)(Mg - p * MR < MR ? Mg - p * MR : MR);
+    int64_t o = g * Mg + p * MR;
     const float *bias = (const float *)a->bias;
+    float *apan = c->ap + (int64_t)tid * (((K * MR) + 15) & ~(int64_t)15);
     float *tmp = c->tmp + (int64_t)tid * MR * NR;
-    for (p = pb * c->panel_blk; p < p1; ++p) {
-        const float *apan = c->ap + g * c->ap_group + p * MR * a->z.k;
-        int rows = (int)(Mg - p * MR < MR ? Mg - p * MR : MR);
-        for (t = tb * c->tile_blk; t < t1; ++t) {
-            int64_t q0 = t * NR, j = 0;
-            c->cfg->ukernel_ind(a->z.k, apan, bimg + q0, c->off, tmp);
-            /* scatter the valid columns: one contiguous run per output row */
-            while (j < NR) {
-                int64_t q = q0 + j, oh = q / c->Wq, ow = q % c->Wq, len;
-                if (oh >= out_h)
-                    break;
-                len = c->Wq - ow;
-                if (len > NR - j)
-                    len = NR - j;
-                if (ow < out_w) {
-                    int64_t valid = out_w - ow < len ? out_w - ow : len;
-                    int64_t o = g * Mg + p * MR;
-                    c->cfg->tile_store(tmp, rows, (int)j, (int)valid,
-                                       a->y + (n * s->out_channels + o) * P + oh * out_w + ow, P,
-                                       bias ? bias + o : NULL);
-                }
-                j += (int)len;
+    c->cfg->pack_a_codes(a->w + o * a->z.row_words, a->z.row_words, rows, K, a->bits, a->has_zero,
+                         apan);
+    for (it = tb * c->tile_blk; it < it1; ++it) {
+        int64_t n = it / c->tiles, t = it % c->tiles;
+        const float *bimg = c->xq + n * c->img_floats + g * a->z.c_per_group * c->chan_stride;
+        float *yimg = a->y + (n * s->out_channels + o) * P;
+        int64_t q0 = t * NR, j = 0;
+        c->cfg->ukernel_ind(K, apan, bimg + q0, c->off, tmp);
+        /* scatter the valid columns: one contiguous run per output row */
+        while (j < NR) {
+            int64_t q = q0 + j, oh = q / c->Wq, ow = q % c->Wq, len;
+            if (oh >= out_h)
+                break;
+            len = c->Wq - ow;
+            if (len > NR - j)
+                len = NR - j;
+            if (ow < out_w) {
+                int64_t valid = out_w - ow < len ? out_w - ow : len;
+                c->cfg->tile_store(tmp, rows, (int)j, (int)valid, yimg + oh * out_w + ow, P,
+                                   bias ? bias + o : NULL);
             }
+            j += (int)len;
         }
     }
 }
@@ -575,7 +580,6 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     const fxs_direct_cfg *cfg = &isa->direct[0];
     int MR, NR;
     fxs_direct_fill_ctx fc;
-    fxs_conv_apack_ctx pc;
     fxs_direct_ctx c;
     int nt = fxs_get_num_threads();
     int64_t Hp = s->h + 2 * s->pad_h, Wp = s->w + 2 * s->pad_w, K = a->z.k, Mg = a->z.o_per_group;
@@ -635,21 +639,16 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     fc.chan_stride = chan_stride;
     fc.img_floats = img_floats;
     fc.xq = (float *)fxs_alloc(fxs_bytes3(total, 4, 1));
-    pc.a = a;
-    pc.MR = MR;
-    pc.pack_a_codes = cfg->pack_a_codes;
     c.panels = (Mg + MR - 1) / MR;
-    pc.ap_group = c.panels * MR * K;
-    pc.ap = (float *)fxs_alloc(fxs_bytes3(s->groups, pc.ap_group, 4));
+    c.ap = (float *)fxs_alloc(fxs_bytes3(nt, ((K * MR) + 15) & ~(int64_t)15, 4));
     off = (int64_t *)fxs_alloc(fxs_bytes3(K, 8, 1));
     c.tmp = (float *)fxs_alloc(fxs_bytes3(nt, (int64_t)MR * NR, 4));
-    if (!fc.xq || !pc.ap || !off || !c.tmp) {
+    if (!fc.xq || !c.ap || !off || !c.tmp) {
         st = FXS_ERR_OUT_OF_MEMORY;
         goto done;
     }
     memset(fc.xq + s->n * img_floats, 0, (size_t)(total - s->n * img_floats) * sizeof(float));
     fxs_parallel(s->n * s->c, nt, fxs_direct_fill_job, &fc);
-    fxs_parallel(s->groups * c.panels, nt, fxs_conv_apack_job, &pc);
     for (ci = 0, k = 0; ci < a->z.c_per_group; ++ci)
         for (ky = 0; ky < s->kh; ++ky)
             for (kx = 0; kx < s->kw; ++kx, ++k) {
@@ -657,35 +656,29 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
                 ph = phase_of[dy % s->stride_h][dx % s->stride_w];
                 off[k] = ci * chan_stride + ph * plane + (dy / s->stride_h) * Wq + dx / s->stride_w;
             }
-    /* Jobs: (image, group) x panel blocks x tile blocks; split tiles first. */
-    c.panel_blk = c.panels;
-    c.tile_blk = c.tiles < 8 ? c.tiles : 8;
-    for (;;) {
-        jobs = s->n * s->groups * ((c.panels + c.panel_blk - 1) / c.panel_blk) *
-               ((c.tiles + c.tile_blk - 1) / c.tile_blk);
-        if (jobs >= want || nt == 1)
-            break;
-        if (c.tile_blk > 1)
+    /* Jobs: (group, panel) x blocks of (image, tile) pairs.  Each job decodes
+     * one weight panel, so blocks stay large (>= 4 tiles when possible) unless
+     * the threads need more jobs. */
+    {
+        int64_t pairs = s->n * c.tiles, gp = s->groups * c.panels;
+        c.tile_blk = pairs;
+        while (c.tile_blk > 4 && gp * ((pairs + c.tile_blk - 1) / c.tile_blk) < want)
             c.tile_blk = (c.tile_blk + 1) / 2;
-        else if (c.panel_blk > 1)
-            c.panel_blk = (c.panel_blk + 1) / 2;
-        else
-            break;
+        if (c.tile_blk > 64)
+            c.tile_blk = 64; /* load balance */
+        c.n_tb = (pairs + c.tile_blk - 1) / c.tile_blk;
+        jobs = gp * c.n_tb;
     }
     c.a = a;
     c.cfg = cfg;
-    c.ap = pc.ap;
-    c.ap_group = pc.ap_group;
     c.xq = fc.xq;
     c.off = off;
     c.chan_stride = chan_stride;
     c.img_floats = img_floats;
-    c.n_pb = (c.panels + c.panel_blk - 1) / c.panel_blk;
-    c.n_tb = (c.tiles + c.tile_blk - 1) / c.tile_blk;
-    fxs_parallel(s->n * s->groups * c.n_pb * c.n_tb, nt, fxs_direct_job, &c);
+    fxs_parallel(jobs, nt, fxs_direct_job, &c);
 done:
     fxs_free(fc.xq);
-    fxs_free(pc.ap);
+    fxs_free(c.ap);
     fxs_free(off);
     fxs_free(c.tmp);
     return st;
