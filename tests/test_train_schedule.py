@@ -227,6 +227,11 @@ def test_recompose_at_end_loads_into_the_original_architecture(run, data):
         decomposed_out = model(x)
     final, final_opt = sched.on_train_end(model, optimizer, lr_scheduler=scheduler)
     assert sched.recomposed and [e["event"] for e in sched.events] == ["switch", "recompose"]
+    # the conv3 bias went into the chain and back with its value, so its momentum followed it both ways
+    chain_bias = dict(model.named_parameters())["conv3.restore.bias"]
+    folded_bias = dict(final.named_parameters())["conv3.bias"]
+    assert torch.equal(final_opt.state[folded_bias]["momentum_buffer"], optimizer.state[chain_bias]["momentum_buffer"])
+    assert dict(final.named_parameters())["conv2.weight"] not in final_opt.state
     assert not any(isinstance(m, TuckerConv2d) for m in final.modules())
     assert _opt_ids(final_opt) == _param_ids(final) and scheduler.optimizer is final_opt
     fresh = DigitsNet()

@@ -70,7 +70,9 @@ def _source_of(name: str, old_params: dict[str, nn.Parameter], old_modules: set[
     """The old parameter `name` is the same as (if any), and the old parameters of the layer it replaced.
 
     "layer1.conv.core.weight" replaced the layer "layer1.conv" (the longest old module path that
-    prefixes it), whose old parameters are "layer1.conv.weight" and "layer1.conv.bias".
+    prefixes it), whose old parameters are "layer1.conv.weight" and "layer1.conv.bias"; after a
+    recompose, "layer1.conv.weight" replaced the chain "layer1.conv" and its parameters
+    "layer1.conv.core.weight", "layer1.conv.restore.bias", ….
     """
     if name in old_params:
         return name, [name]
@@ -78,7 +80,7 @@ def _source_of(name: str, old_params: dict[str, nn.Parameter], old_modules: set[
     while path:
         if path in old_modules:
             prefix = path + "."
-            owned = [n for n in old_params if n.startswith(prefix) and "." not in n[len(prefix):]]
+            owned = [n for n in old_params if n.startswith(prefix)]
             if owned:
                 return None, owned
         path = path.rpartition(".")[0]
@@ -149,9 +151,9 @@ def rebuild_optimizer(optimizer: Optimizer, old_model: nn.Module, new_model: nn.
         the group of the layer it replaced (same attribute — weight/bias — when it has one,
         else the layer's weight); a parameter with no source to group 0. Parameters whose source
         was not in the old optimizer (frozen by the user), and new parameters with
-        requires_grad=False, stay out. Per-parameter state is
-        carried for a parameter with the same name (or the same attribute of the layer it
-        replaced, e.g. a conv's bias now in the chain's last layer), shape, dtype and values.
+        requires_grad=False, stay out. Per-parameter state is carried for a parameter with the
+        same name (or the same attribute of the layer it replaced, e.g. a conv's bias now in the
+        chain's last layer and back after a recompose), shape, dtype and values.
 
     The old optimizer is left as it was. Optimizer hooks are not carried.
     """
