@@ -166,7 +166,8 @@ def test_state_carried_for_parameters_that_survived(data):
     names = dict(new_model.named_parameters())
     for name in ("bn1.weight", "bn2.bias", "bn3.weight"):  # untouched: same name, same values
         assert torch.equal(new_opt.state[names[name]]["momentum_buffer"], old[name])
-        assert new_opt.state[names[name]]["momentum_buffer"] is not optimizer.state[dict(model.named_parameters())[name]]["momentum_buffer"]
+        old_buffer = optimizer.state[dict(model.named_parameters())[name]]["momentum_buffer"]
+        assert new_opt.state[names[name]]["momentum_buffer"] is not old_buffer  # a copy
     # the conv's bias moved into the chain's last 1×1 conv with its value, so its momentum follows it
     assert torch.equal(new_opt.state[names["conv3.restore.bias"]]["momentum_buffer"], old["conv3.bias"])
     # decomposed factors start with no state

@@ -66,7 +66,8 @@ def _group_index(optimizer: Optimizer, key: Union[int, str], name: str) -> int:
                       f"named {hint}")
 
 
-def _source_of(name: str, old_params: dict[str, nn.Parameter], old_modules: set[str]) -> tuple[Optional[str], list[str]]:
+def _source_of(name: str, old_params: dict[str, nn.Parameter],
+               old_modules: set[str]) -> tuple[Optional[str], list[str]]:
     """The old parameter `name` is the same as (if any), and the old parameters of the layer it replaced.
 
     "layer1.conv.core.weight" replaced the layer "layer1.conv" (the longest old module path that
@@ -250,8 +251,8 @@ def move_lr_scheduler(scheduler: Any, optimizer: Optimizer) -> None:
                           "scheduler")
     old = scheduler.optimizer
     if len(old.param_groups) != len(optimizer.param_groups):
-        raise ConfigError(f"cannot move {type(scheduler).__name__}: the new optimizer has {len(optimizer.param_groups)} "
-                          f"param groups, the old one {len(old.param_groups)}")
+        raise ConfigError(f"cannot move {type(scheduler).__name__}: the new optimizer has "
+                          f"{len(optimizer.param_groups)} param groups, the old one {len(old.param_groups)}")
     scheduler.optimizer = optimizer
     for inner in getattr(scheduler, "_schedulers", ()) or ():
         move_lr_scheduler(inner, optimizer)
