@@ -92,8 +92,11 @@ def make_model(args: argparse.Namespace) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace):
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
+    # The second, empty group is where DeepShift-PS shifts and signs go after a switch (no weight
+    # decay on P, as DeepShift advises); it changes nothing for the other runs.
+    groups = [{"params": list(model.parameters()), "name": "weights"},
+              {"params": [], "name": "shift", "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     return optimizer, scheduler
 
@@ -339,7 +342,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         recomposed_points.append((folded["name"], row["total_s"], evaluate(fresh, data["xcurve"], data["ycurve"])))
     if args.shift_mode != "none":
         shift = ShiftQuantizePass(mode=args.shift_mode, weight_bits=5, exclude=["stem"])
-        sched = DecomposeSchedule(k, shift, example_inputs=sample)
+        sched = DecomposeSchedule(k, shift, example_inputs=sample,
+                                  group_of=lambda name, p: "shift" if name.endswith((".shift", ".sign")) else None)
         rec = run(f"shift-{args.shift_mode}", args, data, sched, start=start)
         records.append(rec)
         rows.append(summarize(rec, data, sample, k))
