@@ -5,6 +5,7 @@ per sample: the total for the example batch divided by its size.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,6 +52,19 @@ def _as_tuple(inputs: Any) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+@contextlib.contextmanager
+def _measuring(model: nn.Module):
+    """Run `model` in eval mode for a measurement, so BatchNorm statistics and dropout masks are
+    left alone, then restore every submodule's own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs per sample of one forward pass on `example_inputs` (batch = first input's size 0)."""
@@ -65,7 +79,8 @@ def macs(model: nn.Module, example_inputs: Any) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _rule_for(m) is not None]
     try:
-        model(*inputs)
+        with _measuring(model):
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()
@@ -96,7 +111,8 @@ def input_shapes(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
 
     handles = [m.register_forward_pre_hook(recorder(n)) for n, m in model.named_modules() if n]
     try:
-        model(*_as_tuple(example_inputs))
+        with _measuring(model):
+            model(*_as_tuple(example_inputs))
     finally:
         for h in handles:
             h.remove()

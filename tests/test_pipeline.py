@@ -91,3 +91,12 @@ def test_apply_on_a_previous_result_continues_its_report():
     actions = [r["action"] for r in fxshift.report(gm2).to_dicts()]
     assert actions == ["decomposed"] * 3 + ["recomposed"] * 3
     assert len(fxshift.report(gm)) == 3  # the earlier result keeps its own report
+
+
+def test_measuring_shapes_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3)).train()
+    gm = fxshift.apply([fxshift.TuckerDecomposePass(rank=0.5, only_if_cheaper=False)], model, torch.randn(4, 3, 8, 8))
+    assert gm.training and gm.get_submodule("1").training
+    assert torch.equal(gm.get_submodule("1").running_mean, torch.zeros(16))
+    assert int(gm.get_submodule("1").num_batches_tracked) == 0
