@@ -4,8 +4,10 @@ the fixed-point path vs a pure-torch model of its semantics, argument errors, th
 The library must be built (CI installs the package, which builds it); if it is
 missing these tests fail with the NativeError that says how to build it.
 """
+import os
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -430,7 +432,7 @@ def test_cuda_entry_points_without_device():
 def test_gil_released_during_kernels():
     """A second Python thread keeps running while a long kernel call is in C."""
     gen = torch.Generator().manual_seed(6)
-    words = random_packed(gen, (2048, 4096), 5, 0)
+    words = random_packed(gen, (1024, 4096), 5, 0)
     x = torch.randn(1, 4096, generator=gen)
     ticks = []
     stop = threading.Event()
@@ -442,8 +444,62 @@ def test_gil_released_during_kernels():
     t = threading.Thread(target=ticker)
     with native.forced_isa("scalar"):  # slow enough to measure
         t.start()
-        for _ in range(3):
-            native.shift_linear(x, words, 2048, 5, 0)
+        native.shift_linear(x, words, 1024, 5, 0)
         stop.set()
         t.join()
     assert len(ticks) > 100
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kernels_work_in_a_forked_child():
+    """The thread pool is rebuilt in a fork() child (its workers do not exist there)."""
+    gen = torch.Generator().manual_seed(8)
+    words = random_packed(gen, (256, 512), 5, 1)
+    x = torch.randn(2, 512, generator=gen)
+    native.set_num_threads(2)
+    try:
+        ref = native.shift_linear(x, words, 256, 5, 1)  # starts the workers
+        pid = os.fork()
+        if pid == 0:  # child: exit status says whether the kernel worked
+            ok = False
+            try:
+                ok = torch.equal(native.shift_linear(x, words, 256, 5, 1), ref)
+            finally:
+                os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60  # a broken pool deadlocks the child: do not hang
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung in a native kernel (thread pool not reset after fork)")
+            time.sleep(0.01)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        native.set_num_threads(0)
+
+
+CUDA_OK = torch.cuda.is_available() and native.cuda() is not None and native.cuda().device_count() > 0
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and libfxshift_cuda")
+def test_cuda_kernels_match_cpu():
+    cuda = native.cuda()
+    gen = torch.Generator().manual_seed(9)
+    words = random_packed(gen, (70, 300), 5, 1)
+    x = torch.randn(5, 300, generator=gen)
+    bias = torch.randn(70, generator=gen)
+    ref = native.shift_linear(x, words, 70, 5, 1, bias)
+    y = cuda.shift_linear(x.cuda(), words.cuda(), 70, 5, 1, bias.cuda())
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
+    shape = (12, 3, 3, 3)
+    cw = random_packed(gen, shape, 4, 0)
+    cx = torch.randn(2, 6, 11, 13, generator=gen)
+    for stride, pad, dil, groups in [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 2)]:
+        w_shape = (12, 6 // groups, 3, 3)
+        cw = random_packed(gen, w_shape, 4, 0)
+        ref = native.shift_conv2d(cx, cw, w_shape, stride, pad, dil, groups, 4, 0)
+        y = cuda.shift_conv2d(cx.cuda(), cw.cuda(), w_shape, stride, pad, dil, groups, 4, 0)
+        torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
