@@ -515,6 +515,8 @@ static void fxs_direct_fill_job(void *vctx, int64_t job, int tid)
         }
 }
 
+#define FXS_DIRECT_A_BYTES (1 << 20)
+
 typedef struct {
     const fxs_conv_args *a;
     const fxs_direct_cfg *cfg;
@@ -523,51 +525,62 @@ typedef struct {
     int64_t Wq, chan_stride, img_floats;
     int64_t tiles;             /* tiles per image */
     int64_t panels;            /* A panels per group */
+    int64_t panel_blk, n_pb;   /* blocks of panels */
     int64_t tile_blk, n_tb;    /* blocks over the (image, tile) pairs */
-    float *ap;                 /* per thread: one A panel (K x MR) */
+    int64_t ap_stride;         /* floats per thread in ap */
+    float *ap;                 /* per thread: panel_blk decoded A panels (K x MR each) */
     float *tmp;                /* per thread: MR * NR floats */
 } fxs_direct_ctx;
 
-/* job = (group, panel, block of (image, tile) pairs): the panel's weights are
- * decoded into a thread-local buffer (stays in L2) and used for every tile. */
+/* job = (group, block of panels, block of (image, tile) pairs): the block's
+ * weights are decoded into a thread-local buffer (<= FXS_DIRECT_A_BYTES, stays
+ * in L2), then each tile's input is used for every panel while it is in L1. */
 static void fxs_direct_job(void *vctx, int64_t job, int tid)
 {
     const fxs_direct_ctx *c = (const fxs_direct_ctx *)vctx;
     const fxs_conv_args *a = c->a;
     const fxs_conv2d_shape *s = &a->s;
     const int MR = c->cfg->MR, NR = c->cfg->NR;
-    int64_t gp = job / c->n_tb, tb = job % c->n_tb;
-    int64_t g = gp / c->panels, p = gp % c->panels;
+    int64_t per_g = c->n_pb * c->n_tb;
+    int64_t g = job / per_g, rem = job % per_g;
+    int64_t pb = rem / c->n_tb, tb = rem % c->n_tb;
     int64_t Mg = a->z.o_per_group, out_w = a->z.out_w, out_h = a->z.out_h, K = a->z.k;
-    int64_t P = out_h * out_w, it;
+    int64_t P = out_h * out_w, it, p;
+    int64_t p0 = pb * c->panel_blk, p1 = p0 + c->panel_blk < c->panels ? p0 + c->panel_blk : c->panels;
     int64_t it1 = (tb + 1) * c->tile_blk < s->n * c->tiles ? (tb + 1) * c->tile_blk : s->n * c->tiles;
-    int rows = (int)(Mg - p * MR < MR ? Mg - p * MR : MR);
-    int64_t o = g * Mg + p * MR;
     const float *bias = (const float *)a->bias;
-    float *apan = c->ap + (int64_t)tid * (((K * MR) + 15) & ~(int64_t)15);
+    float *ap = c->ap + (int64_t)tid * c->ap_stride;
     float *tmp = c->tmp + (int64_t)tid * MR * NR;
-    c->cfg->pack_a_codes(a->w + o * a->z.row_words, a->z.row_words, rows, K, a->bits, a->has_zero,
-                         apan);
+    for (p = p0; p < p1; ++p) {
+        int64_t o = g * Mg + p * MR;
+        int rows = (int)(Mg - p * MR < MR ? Mg - p * MR : MR);
+        c->cfg->pack_a_codes(a->w + o * a->z.row_words, a->z.row_words, rows, K, a->bits,
+                             a->has_zero, ap + (p - p0) * MR * K);
+    }
     for (it = tb * c->tile_blk; it < it1; ++it) {
         int64_t n = it / c->tiles, t = it % c->tiles;
         const float *bimg = c->xq + n * c->img_floats + g * a->z.c_per_group * c->chan_stride;
-        float *yimg = a->y + (n * s->out_channels + o) * P;
-        int64_t q0 = t * NR, j = 0;
-        c->cfg->ukernel_ind(K, apan, bimg + q0, c->off, tmp);
-        /* scatter the valid columns: one contiguous run per output row */
-        while (j < NR) {
-            int64_t q = q0 + j, oh = q / c->Wq, ow = q % c->Wq, len;
-            if (oh >= out_h)
-                break;
-            len = c->Wq - ow;
-            if (len > NR - j)
-                len = NR - j;
-            if (ow < out_w) {
-                int64_t valid = out_w - ow < len ? out_w - ow : len;
-                c->cfg->tile_store(tmp, rows, (int)j, (int)valid, yimg + oh * out_w + ow, P,
-                                   bias ? bias + o : NULL);
+        int64_t q0 = t * NR;
+        for (p = p0; p < p1; ++p) {
+            int64_t o = g * Mg + p * MR, j = 0;
+            int rows = (int)(Mg - p * MR < MR ? Mg - p * MR : MR);
+            float *yimg = a->y + (n * s->out_channels + o) * P;
+            c->cfg->ukernel_ind(K, ap + (p - p0) * MR * K, bimg + q0, c->off, tmp);
+            /* scatter the valid columns: one contiguous run per output row */
+            while (j < NR) {
+                int64_t q = q0 + j, oh = q / c->Wq, ow = q % c->Wq, len;
+                if (oh >= out_h)
+                    break;
+                len = c->Wq - ow;
+                if (len > NR - j)
+                    len = NR - j;
+                if (ow < out_w) {
+                    int64_t valid = out_w - ow < len ? out_w - ow : len;
+                    c->cfg->tile_store(tmp, rows, (int)j, (int)valid, yimg + oh * out_w + ow, P,
+                                       bias ? bias + o : NULL);
+                }
+                j += (int)len;
             }
-            j += (int)len;
         }
     }
 }
@@ -640,7 +653,14 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     fc.img_floats = img_floats;
     fc.xq = (float *)fxs_alloc(fxs_bytes3(total, 4, 1));
     c.panels = (Mg + MR - 1) / MR;
-    c.ap = (float *)fxs_alloc(fxs_bytes3(nt, ((K * MR) + 15) & ~(int64_t)15, 4));
+    c.panel_blk = FXS_DIRECT_A_BYTES / (MR * K * 4);
+    if (c.panel_blk < 1)
+        c.panel_blk = 1;
+    if (c.panel_blk > c.panels)
+        c.panel_blk = c.panels;
+    c.n_pb = (c.panels + c.panel_blk - 1) / c.panel_blk;
+    c.ap_stride = ((c.panel_blk * K * MR) + 15) & ~(int64_t)15;
+    c.ap = (float *)fxs_alloc(fxs_bytes3(nt, c.ap_stride, 4));
     off = (int64_t *)fxs_alloc(fxs_bytes3(K, 8, 1));
     c.tmp = (float *)fxs_alloc(fxs_bytes3(nt, (int64_t)MR * NR, 4));
     if (!fc.xq || !c.ap || !off || !c.tmp) {
@@ -656,11 +676,11 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
                 ph = phase_of[dy % s->stride_h][dx % s->stride_w];
                 off[k] = ci * chan_stride + ph * plane + (dy / s->stride_h) * Wq + dx / s->stride_w;
             }
-    /* Jobs: (group, panel) x blocks of (image, tile) pairs.  Each job decodes
-     * one weight panel, so blocks stay large (>= 4 tiles when possible) unless
-     * the threads need more jobs. */
+    /* Jobs: (group, panel block) x blocks of (image, tile) pairs.  Each job
+     * decodes its panels once, so tile blocks stay large (>= 4 tiles when
+     * possible) unless the threads need more jobs. */
     {
-        int64_t pairs = s->n * c.tiles, gp = s->groups * c.panels;
+        int64_t pairs = s->n * c.tiles, gp = s->groups * c.n_pb;
         c.tile_blk = pairs;
         while (c.tile_blk > 4 && gp * ((pairs + c.tile_blk - 1) / c.tile_blk) < want)
             c.tile_blk = (c.tile_blk + 1) / 2;
