@@ -2,8 +2,10 @@
 from . import errors
 from .checkpoint import load, save
 from .costs import macs, parameter_count
+from .decompose.budget import Budget
 from .errors import ConfigError, FxshiftError, RecipeError, TraceError
 from .passes import RecomposePass, TuckerDecomposePass
+from .passes import CPDecomposePass, SpatialSVDPass
 from .passes import FreezePass, ShiftQuantizePass, freeze
 from .pipeline import apply
 from .report import Report, report
@@ -13,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parameter_count", "TuckerDecomposePass",
            "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
-           "RecipeError", "errors"]
+           "RecipeError", "errors", "CPDecomposePass", "SpatialSVDPass", "Budget"]
 
 
 def __getattr__(name: str):

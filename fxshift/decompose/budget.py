@@ -14,16 +14,13 @@ of its onnxruntime CPU latency. The pass then chooses every layer's rank itself:
    layer's weight energy that is lost) subject to
    ``fixed cost + Σ_layers cost(choice) ≤ target × original total``, where the fixed cost is
    everything no candidate changes (layers that cannot be decomposed count at their full cost).
-   It is a multiple-choice knapsack, solved in two steps:
-
-   a. Lagrangian descent: from "keep everything", repeatedly take the single step, over all
-      layers, with the smallest error increase per unit of cost saved, moving along the lower
-      convex hull of each layer's (cost, e²) candidates, until the budget is met. Every point
-      this reaches is optimal for the cost it reaches (the Lagrangian relaxation is exact on
-      the hulls).
-   b. Fill: the last step usually overshoots below the target; then repeatedly apply the
-      single-layer change (any candidate, hull or not) that lowers Σe² most while the total
-      stays within the budget.
+   This is a multiple-choice knapsack (one option per layer); with a few dozen layers and ~10
+   options each it is solved exactly by dynamic programming over the layers' summed cost,
+   counted in steps of 1/10000 of the budget and rounded up (so the true total never exceeds
+   the target, and at most one step per layer of the budget is left unused), followed by a
+   greedy fill that spends that rounding slack on the changes that lower Σe² most. (A greedy
+   "least error per unit of cost saved" descent was tried first: on small random instances it
+   ended up to 2.6× above the optimum.)
 
    The result keeps the cost at or just below the target. When even the cheapest candidate of
    every layer cannot reach ``target × (1 + tolerance)``, ConfigError says what can be reached.
@@ -31,10 +28,11 @@ of its onnxruntime CPU latency. The pass then chooses every layer's rank itself:
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from ..errors import ConfigError
 
@@ -172,26 +170,8 @@ def _options(layer: LayerCandidates) -> list[Candidate]:
     return [keep] + pareto[::-1]
 
 
-def _hull(options: list[Candidate]) -> list[int]:
-    """Indices (into options, by decreasing cost) of the lower convex hull of (cost, e²),
-    starting at "keep" and ending at the cheapest option."""
-    points = [(o.cost, o.error ** 2) for o in options]
-    order = sorted(range(len(points)), key=lambda i: points[i][0])  # increasing cost
-    hull: list[int] = []
-    for i in order:
-        while len(hull) >= 2:
-            (x1, y1), (x2, y2), (x3, y3) = points[hull[-2]], points[hull[-1]], points[i]
-            # keep the middle point only if it lies strictly below the chord
-            if (y2 - y1) * (x3 - x1) >= (y3 - y1) * (x2 - x1):
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    return hull[::-1]  # from "keep" (most expensive) to the cheapest
-
-
 def allocate(layers: Sequence[LayerCandidates], total: float, target_fraction: float,
-             tolerance: float = 0.03, unit: str = "") -> Allocation:
+             tolerance: float = 0.03, unit: str = "", resolution: int = 10_000) -> Allocation:
     """Choose one candidate per layer so that the model's total cost is at most
     ``target_fraction × total`` with the smallest Σ e² (see the module docstring).
 
@@ -201,46 +181,31 @@ def allocate(layers: Sequence[LayerCandidates], total: float, target_fraction: f
         target_fraction: the fraction of `total` to keep.
         tolerance: accept a result up to ``target × (1 + tolerance)`` when nothing cheaper exists.
         unit: the cost's name, for messages.
+        resolution: cost steps of the dynamic programme (the budget for the listed layers split
+            into this many; costs are rounded up, so the true total never exceeds the budget).
 
     Returns:
         An Allocation; raises ConfigError when the target is out of reach.
     """
     target = target_fraction * total
     options = {layer.name: _options(layer) for layer in layers}
-    current = {name: 0 for name in options}  # index into options: 0 = keep
-    hulls = {name: _hull(opts) for name, opts in options.items()}
-    position = {name: 0 for name in options}  # index into the hull
-    cost = float(total)
-
-    def step(name: str) -> Optional[tuple[float, str]]:
-        hull, at = hulls[name], position[name]
-        if at + 1 >= len(hull):
-            return None
-        here, there = options[name][hull[at]], options[name][hull[at + 1]]
-        saved = here.cost - there.cost
-        return ((there.error ** 2 - here.error ** 2) / saved if saved > 0 else math.inf, name)
-
-    heap = [s for s in (step(n) for n in options) if s is not None]
-    heapq.heapify(heap)
-    while cost > target and heap:
-        _, name = heapq.heappop(heap)
-        hull = hulls[name]
-        here, there = options[name][hull[position[name]]], options[name][hull[position[name] + 1]]
-        cost += there.cost - here.cost
-        position[name] += 1
-        current[name] = hull[position[name]]
-        nxt = step(name)
-        if nxt is not None:
-            heapq.heappush(heap, nxt)
-
-    if cost > target * (1.0 + tolerance) + 1e-9 * abs(target):
-        cheapest = cost / total if total > 0 else 1.0
+    names = list(options)
+    fixed = total - sum(float(layer.cost) for layer in layers)
+    capacity = target - fixed  # what the listed layers may cost together
+    cheapest = sum(min(o.cost for o in opts) for opts in options.values())
+    if cheapest > capacity + tolerance * target + 1e-9 * abs(target):
+        reach = (fixed + cheapest) / total if total > 0 else 1.0
         raise ConfigError(
             f"the budget of {target_fraction:.1%} of the model's {unit or 'cost'} cannot be met: decomposing every "
-            f"layer this pass may decompose at its cheapest candidate keeps {cheapest:.1%}. Raise the target, "
+            f"layer this pass may decompose at its cheapest candidate keeps {reach:.1%}. Raise the target, "
             "include more layers, or add smaller fractions to Budget(fractions=...)")
+    if cheapest >= capacity:  # within the tolerance: the cheapest choice everywhere
+        current = {name: min(range(len(opts)), key=lambda i: opts[i].cost) for name, opts in options.items()}
+    else:
+        current = _knapsack(options, names, capacity, resolution)
+    cost = fixed + sum(options[n][i].cost for n, i in current.items())
 
-    # Fill: spend what the last step left unused on the single changes that lower Σe² the most.
+    # Fill: spend the rounding slack on the single changes that lower Σe² the most.
     limit = max(cost, target)
     while True:
         best: Optional[tuple[float, str, int]] = None
@@ -261,3 +226,36 @@ def allocate(layers: Sequence[LayerCandidates], total: float, target_fraction: f
     choice = {name: (options[name][i] if i else None) for name, i in current.items()}
     squared = sum(options[name][i].error ** 2 for name, i in current.items())
     return Allocation(choice, float(total), cost, target, squared)
+
+
+def _knapsack(options: dict[str, list[Candidate]], names: list[str], capacity: float,
+              resolution: int) -> dict[str, int]:
+    """Multiple-choice knapsack by dynamic programming: one option per layer, Σ cost ≤ capacity,
+    least Σ e². Costs are counted in steps of capacity/resolution, rounded up."""
+    step = capacity / resolution
+    size = resolution + 1
+    best = np.full(size, np.inf)
+    best[0] = 0.0  # best[c]: least Σe² of the layers so far with Σ cost in steps exactly c
+    picks = np.zeros((len(names), size), dtype=np.int16)
+    for row, name in enumerate(names):
+        new = np.full(size, np.inf)
+        for i, o in enumerate(options[name]):
+            units = int(math.ceil(o.cost / step - 1e-9))
+            if units >= size:
+                continue
+            shifted = np.full(size, np.inf)
+            shifted[units:] = best[:size - units] + o.error ** 2
+            better = shifted < new
+            new[better] = shifted[better]
+            picks[row][better] = i
+        best = new
+    end = int(np.argmin(best))
+    if not np.isfinite(best[end]):  # cannot happen when the cheapest choice fits; be safe
+        return {name: min(range(len(options[name])), key=lambda i: options[name][i].cost) for name in names}
+    chosen: dict[str, int] = {}
+    for row in range(len(names) - 1, -1, -1):
+        name = names[row]
+        i = int(picks[row][end])
+        chosen[name] = i
+        end -= int(math.ceil(options[name][i].cost / step - 1e-9))
+    return chosen

@@ -27,7 +27,7 @@ import torch
 
 from .cp import CPFactors, cp_max_rank
 
-__all__ = ["cp_als", "cp_error_curve", "cp_break_even_rank"]
+__all__ = ["cp_als", "cp_error_curve", "cp_break_even_rank", "cp_kernel"]
 
 
 def cp_break_even_rank(shape: Sequence[int]) -> int:
@@ -49,7 +49,6 @@ class _Kernel:
         self.t, self.s, self.kh, self.kw = w.shape
         self.q = self.kh * self.kw
         self.by_out = w.reshape(self.t, self.s * self.q)  # (T, S·Q)
-        self.by_in = w.permute(0, 2, 3, 1).reshape(self.t * self.q, self.s).contiguous()  # (T·Q, S)
         self.norm2 = float(w.double().pow(2).sum())
         self.weight = w
 
@@ -60,10 +59,9 @@ def _spatial_kr(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _solve(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """X with X·gram = mttkrp for a symmetric PSD gram, in float64, with a tiny ridge."""
-    g = gram.double()
-    ridge = 1e-12 * float(g.diagonal().mean().clamp_min(1e-300))
-    g = g + ridge * torch.eye(g.shape[0], dtype=g.dtype)
+    """X with X·gram = mttkrp for a symmetric PSD float64 gram, with a tiny ridge."""
+    g = gram.clone()
+    g.diagonal().add_(1e-12 * float(g.diagonal().mean().clamp_min(1e-300)))
     chol, info = torch.linalg.cholesky_ex(g)
     m = mttkrp.double()
     if int(info) == 0:
@@ -71,6 +69,11 @@ def _solve(mttkrp: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     else:
         x = m @ torch.linalg.pinv(g, hermitian=True)
     return x.to(mttkrp.dtype)
+
+
+def _gram(f: torch.Tensor) -> torch.Tensor:
+    f = f.double()
+    return f.t() @ f
 
 
 def _svd_init(k: _Kernel, rank: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -96,13 +99,18 @@ def _svd_init(k: _Kernel, rank: int, generator: torch.Generator) -> list[torch.T
     return factors
 
 
+def _channel_kr(b: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
+    """(S·kh·kw, R) with row (s, q) = B[s] ∘ KR[q]: the Khatri–Rao product of the input factor
+    and the spatial ones (small: the kernel's size per output channel, times R)."""
+    return (b[:, None, :] * kr[None, :, :]).reshape(-1, b.shape[1])
+
+
 def _model_error(k: _Kernel, factors: Sequence[torch.Tensor]) -> float:
-    """Relative error of a CP model from one MTTKRP-sized product and the Gram matrices."""
+    """Relative error of a CP model: ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², from one product and the Gram matrices."""
     a, b, c, d = factors
-    z = (k.by_out.t() @ a).view(k.s, k.q, -1)
-    y = torch.einsum("sqr,sr->qr", z, b).view(k.kh, k.kw, -1)
-    inner = float(torch.einsum("ijr,ir,jr->r", y.double(), c.double(), d.double()).sum())
-    g = [f.double().t() @ f.double() for f in factors]
+    m0 = k.by_out @ _channel_kr(b, _spatial_kr(c, d))  # (T, R)
+    inner = float((m0.double() * a.double()).sum())
+    g = [_gram(f) for f in factors]
     approx2 = float((g[0] * g[1] * g[2] * g[3]).sum())
     return math.sqrt(max(k.norm2 - 2.0 * inner + approx2, 0.0) / k.norm2) if k.norm2 > 0 else 0.0
 
@@ -110,38 +118,35 @@ def _model_error(k: _Kernel, factors: Sequence[torch.Tensor]) -> float:
 def _sweeps(k: _Kernel, factors: list[torch.Tensor], n_iter_max: int, tol: float, linesearch: bool = True) -> float:
     """Run ALS sweeps on `factors` (replaced in place); return the final relative error.
 
-    The line search is tensorly's (after Bro, 1998): every other sweep past the fifth, try
-    moving further along the last update by a factor iteration^(1/p) and keep the move when it
-    lowers the error; p grows after four failures.
+    Per sweep: one (T × S·Q)·(S·Q × R) product for the output factor, one (S·Q × T)·(T × R)
+    product Z = Σ_t W·A shared by the input factor and the two spatial ones (Q = kh·kw), and
+    four R×R Cholesky solves. The line search is tensorly's (after Bro, 1998): every other sweep
+    past the fifth, try moving further along the last update by a factor iteration^(1/p) and keep
+    the move when it lowers the error; p grows after four failures.
     """
     a, b, c, d = factors
-    grams = [f.t() @ f for f in factors]
+    grams = [_gram(f) for f in factors]
     prev = math.inf
     err = math.inf
     acc_pow, acc_fail = 2.0, 0
     for it in range(n_iter_max):
         old = (a, b, c, d)
         kr = _spatial_kr(c, d)  # (Q, R)
-        # mode 0 (output channels): Σ_s W[t,s,q] B[s,r], then Σ_q (·)·KR[q,r]
-        x = (k.by_in @ b).view(k.t, k.q, -1)
-        m0 = torch.einsum("tqr,qr->tr", x, kr)
-        a = _solve(m0, grams[1] * grams[2] * grams[3])
-        grams[0] = a.t() @ a
-        # mode 1 (input channels): Σ_t W[t,s,q] A[t,r] — kept for the spatial modes too
+        # mode 0 (output channels): W_(0) · (B ⊙ C ⊙ D)
+        a = _solve(k.by_out @ _channel_kr(b, kr), grams[1] * grams[2] * grams[3])
+        grams[0] = _gram(a)
+        # Z[(s,q), r] = Σ_t W[t,s,q] A[t,r]: mode 1 sums it against KR over q, modes 2 and 3 against B over s
         z = (k.by_out.t() @ a).view(k.s, k.q, -1)
-        m1 = torch.einsum("sqr,qr->sr", z, kr)
-        b = _solve(m1, grams[0] * grams[2] * grams[3])
-        grams[1] = b.t() @ b
-        y = torch.einsum("sqr,sr->qr", z, b).view(k.kh, k.kw, -1)
-        # mode 2 (height) and mode 3 (width)
-        m2 = torch.einsum("ijr,jr->ir", y, d)
-        c = _solve(m2, grams[0] * grams[1] * grams[3])
-        grams[2] = c.t() @ c
-        m3 = torch.einsum("ijr,ir->jr", y, c)
+        b = _solve((z * kr).sum(1), grams[0] * grams[2] * grams[3])
+        grams[1] = _gram(b)
+        y = (z * b[:, None, :]).sum(0).view(k.kh, k.kw, -1)
+        c = _solve((y * d[None, :, :]).sum(1), grams[0] * grams[1] * grams[3])
+        grams[2] = _gram(c)
+        m3 = (y * c[:, None, :]).sum(0)
         d = _solve(m3, grams[0] * grams[1] * grams[2])
-        grams[3] = d.t() @ d
+        grams[3] = _gram(d)
         inner = float((m3.double() * d.double()).sum())
-        approx2 = float((grams[0].double() * grams[1].double() * grams[2].double() * grams[3].double()).sum())
+        approx2 = float((grams[0] * grams[1] * grams[2] * grams[3]).sum())
         err = math.sqrt(max(k.norm2 - 2.0 * inner + approx2, 0.0) / k.norm2) if k.norm2 > 0 else 0.0
         if linesearch and it > 5 and it % 2 == 0:
             jump = (it + 1) ** (1.0 / acc_pow)
@@ -150,7 +155,7 @@ def _sweeps(k: _Kernel, factors: list[torch.Tensor], n_iter_max: int, tol: float
             if moved_err < err:
                 a, b, c, d = moved
                 err = moved_err
-                grams = [f.t() @ f for f in moved]
+                grams = [_gram(f) for f in moved]
                 acc_fail = 0
             else:
                 acc_fail += 1
@@ -266,13 +271,15 @@ def _residual_components(k: _Kernel, factors: list[torch.Tensor], extra: int,
 
 
 def cp_error_curve(weight: torch.Tensor, ranks: Sequence[int], sweeps: int = 3, seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> list[float]:
+                   dtype: torch.dtype = torch.float32, stop_at: float = -1.0) -> list[float]:
     """Estimated relative CP error at each of several ranks, in one growing ALS run.
 
     The smallest rank starts from the SVD initialisation; each larger rank keeps the previous
     components, adds new ones from the SVD initialisation of the residual, and runs `sweeps` ALS
     sweeps. The estimates are upper bounds of a converged ALS at that rank (ALS only lowers the
     error) and are used to compare layers, not reported as final errors.
+
+    stop_at: stop growing once a rank's error is at most this; larger ranks get ``nan``.
 
     Returns
     -------
@@ -296,4 +303,21 @@ def cp_error_curve(weight: torch.Tensor, ranks: Sequence[int], sweeps: int = 3, 
             extra = _residual_components(k, factors, r - factors[0].shape[1], generator)
             factors = [torch.cat([f, e.to(f.dtype)], dim=1) for f, e in zip(factors, extra)]
         errors[r] = _sweeps(k, factors, sweeps, 0.0, linesearch=False)
-    return [errors[int(r)] for r in ranks]
+        if errors[r] <= stop_at:
+            break
+    return [errors.get(int(r), math.nan) for r in ranks]
+
+
+def cp_kernel(factors: CPFactors) -> torch.Tensor:
+    """Multiply CP conv factors (``cp_conv``'s layout) back into one T×S×kh×kw kernel.
+
+    Same result as ``cp_reconstruct``, contracted as one (T×R)·(R×S·kh·kw) product so that large
+    ranks need no T·S·R temporaries. Computed in float64, returned in the factors' dtype.
+    """
+    first, vertical, horizontal, last = factors
+    r, s = first.shape[:2]
+    kh, kw = vertical.shape[2], horizontal.shape[3]
+    rest = (first.detach().double().reshape(r, s, 1, 1) * vertical.detach().double().reshape(r, 1, kh, 1)
+            * horizontal.detach().double().reshape(r, 1, 1, kw)).reshape(r, -1)
+    w = last.detach().double().reshape(-1, r) @ rest
+    return w.reshape(-1, s, kh, kw).to(first.dtype)

@@ -144,3 +144,71 @@ def mode_ranks(spec: Any, sizes: tuple[int, ...], unfoldings: Callable[[int], to
         specs = (spec,) * len(sizes)
     return tuple(mode_rank(s, n, unfoldings(i) if isinstance(s, str) else None, layer, m)
                  for i, (s, n, m) in enumerate(zip(specs, sizes, mode_names)))
+
+
+def hosvd_errors(weight: torch.Tensor, rank_pairs: Sequence[tuple[int, int]]) -> list[float]:
+    """Relative error of the truncated HOSVD of a T×S×kh×kw kernel at each (r_out, r_in).
+
+    Projects the kernel onto the leading r_out left singular vectors of its output unfolding and
+    r_in of its input unfolding: err² = 1 − ‖U_outᵀ ×₀ W ×₁ U_in‖² / ‖W‖². HOOI (tucker2) starts
+    from this point and only lowers the error, so it is an upper bound close to the final error;
+    every pair costs one lookup in a 2-D cumulative sum.
+    """
+    w = weight.detach().double()
+    t, s = w.shape[:2]
+    total = float(w.pow(2).sum())
+    if total <= 0:
+        return [0.0 for _ in rank_pairs]
+    w0 = w.reshape(t, -1)
+    w1 = w.transpose(0, 1).reshape(s, -1)
+    _, u_out = torch.linalg.eigh(w0 @ w0.t())
+    _, u_in = torch.linalg.eigh(w1 @ w1.t())
+    u_out, u_in = u_out.flip(1), u_in.flip(1)  # descending
+    rotated = torch.einsum("ta,tsij,sb->abij", u_out, w, u_in)
+    energy = rotated.pow(2).sum(dim=(2, 3)).cumsum(0).cumsum(1)
+    return [math.sqrt(max(0.0, 1.0 - float(energy[r_out - 1, r_in - 1]) / total)) for r_out, r_in in rank_pairs]
+
+
+# ----- Ranks that keep about a given fraction of a layer's parameters (Budget candidates) ----------
+
+def _clamp(value: float, top: int) -> int:
+    return max(1, min(top, int(round(value))))
+
+
+def linear_rank_for_cost(shape: Sequence[int], fraction: float) -> int:
+    """r with r·(S + T) ≈ fraction·S·T for a T×S matrix."""
+    t, s = int(shape[0]), int(shape[1])
+    return _clamp(fraction * s * t / (s + t), min(s, t))
+
+
+def tucker1_rank_for_cost(shape: Sequence[int], fraction: float) -> int:
+    """r_out with r_out·(S·kh·kw + T) ≈ fraction·T·S·kh·kw (Tucker-1: k×k conv S→r_out, then 1×1)."""
+    t, s, kh, kw = (int(d) for d in shape)
+    return _clamp(fraction * t * s * kh * kw / (s * kh * kw + t), t)
+
+
+def tucker2_ranks_for_cost(shape: Sequence[int], fraction: float) -> tuple[int, int]:
+    """(r_out, r_in) = f·(T, S) with f²·T·S·kh·kw + f·(S² + T²) ≈ fraction·T·S·kh·kw (core plus the
+    two 1×1 convs)."""
+    t, s, kh, kw = (int(d) for d in shape)
+    a, b = t * s * kh * kw, s * s + t * t
+    f = (-b + math.sqrt(b * b + 4.0 * a * a * fraction)) / (2.0 * a)
+    return _clamp(f * t, t), _clamp(f * s, s)
+
+
+def spatial_rank_for_cost(shape: Sequence[int], groups: int, fraction: float, max_rank: int) -> int:
+    """K with K·(S·kh + T·kw) ≈ fraction·T·(S/g)·kh·kw for a T×(S/g)×kh×kw kernel (vertical S→g·K,
+    horizontal g·K→T, both grouped)."""
+    t, s_g, kh, kw = (int(d) for d in shape)
+    s = s_g * groups
+    return _clamp(fraction * t * s_g * kh * kw / (s * kh + t * kw), max_rank)
+
+
+def distinct(items: Sequence[Any]) -> list[Any]:
+    """Items in order, without repeats."""
+    seen, out = set(), []
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out

@@ -6,13 +6,12 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from ..decompose.ranks import (distinct, hosvd_errors, linear_rank_for_cost, mode_rank, mode_ranks, tail_error,
-                               tucker1_rank_for_cost, tucker2_ranks_for_cost)
-from ..decompose.svd import svd_factors
+from ..decompose.ranks import (distinct, hosvd_errors, mode_rank, mode_ranks, tail_error, tucker1_rank_for_cost,
+                               tucker2_ranks_for_cost)
 from ..decompose.tucker import mode_unfolding, relative_error, tucker1, tucker2, tucker_reconstruct
 from ..nn.low_rank_linear import LowRankLinear
 from ..nn.tucker import TuckerConv2d
-from .decompose_base import Decision, DecompositionPass
+from .decompose_base import Decision, DecompositionPass, linear_candidates, linear_decision
 from .layers import Selector
 
 
@@ -68,23 +67,13 @@ class TuckerDecomposePass(DecompositionPass):
         return Decision(TuckerConv2d.from_factors(module, factors), rank=list(ranks), rel_error=error)
 
     def _linear(self, name: str, module: nn.Linear, rank: Any) -> Decision:
-        weight = module.weight.detach()
-        spec = rank[0] if isinstance(rank, (tuple, list)) else rank
-        r = mode_rank(spec, min(weight.shape), weight, name)
-        factors = svd_factors(weight, r)
-        error = relative_error(weight, factors.second @ factors.first)
-        return Decision(LowRankLinear.from_factors(module, factors), rank=r, rel_error=error)
+        return linear_decision(name, module, rank)
 
     # Budget support: candidate ranks with their estimated errors, and the structure at a rank.
     def budget_candidates(self, name: str, module: nn.Module,
                           fractions: Sequence[float]) -> Union[str, list[tuple[Any, float]]]:
         if isinstance(module, nn.Linear):
-            if not self.linear:
-                return "linear=False"
-            w = module.weight.detach()
-            ranks = distinct(linear_rank_for_cost(w.shape, f) for f in fractions)
-            spectrum = torch.linalg.svdvals(w.double())
-            return [(r, tail_error(spectrum, r)) for r in ranks]
+            return linear_candidates(module, fractions) if self.linear else "linear=False"
         if type(module) is not nn.Conv2d or module.groups != 1:
             return self.decompose(name, module, 1).reason
         w = module.weight.detach()
