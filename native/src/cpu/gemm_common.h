@@ -639,7 +639,7 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     MR = cfg->MR;
     NR = cfg->NR;
     if (!fxs_mul_ok(s->c, chan_stride, &img_floats) || !fxs_mul_ok(s->n, img_floats, &total) ||
-        total > 4 * s->n * s->c * s->h * s->w + ((int64_t)1 << 22))
+        total > 4 * s->n * s->c * s->h * s->w + ((int64_t)1 << 20))
         return 1;
     memset(&c, 0, sizeof c);
     c.Wq = Wq;
