@@ -14,11 +14,11 @@
  *    permuted once per call to the same order ("xp"), so no shuffles are
  *    needed in the inner loop.  Several rows per pass share the x loads;
  *    rows are split across threads.
- *  - linear, batch > 4: blocked GEMM; W^T panels are decoded per block
- *    straight from the packed words (16 rows' words transposed, then decoded
- *    with uniform shifts).
- *  - conv2d: weights decoded once per call into 6-row panels, im2col packed
- *    per block, 6x16 register-blocked GEMM micro-kernel.
+ *  - linear, batch > 4: blocked GEMM (gemm_common.h); W^T panels are decoded
+ *    per block straight from the packed words (16 rows' words transposed,
+ *    then decoded with uniform shifts).
+ *  - conv2d: direct convolution (gemm_common.h) with a 6x16 register-blocked
+ *    micro-kernel; weight panels decoded per job from transposed words.
  *  - fixed point: the same layouts with int32 lanes, x >> m by vpsravd
  *    (counts >= 32 fill with the sign: exactly floor), int64 accumulation.
  */

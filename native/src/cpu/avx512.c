@@ -11,11 +11,15 @@
  *                      16-bit ops for 7..9 bits), zero code included,
  *      shift / and     widen the even and odd halves to float32 (exact: every
  *                      weight is a power of two),
- *    i.e. ~6 instructions per 32 weights instead of ~20 with AVX2.  x is
+ *    i.e. ~6 instructions per 32 weights instead of ~36 with the AVX2 bit
+ *    decode.  x is
  *    permuted once per call to the matching order.  Rows split over threads.
- *  - conv2d and batched linear: the GEMM drivers of gemm_common.h with a
- *    14x32 micro-kernel (28 zmm accumulators), masked edge tiles, and weight
- *    panels decoded with the 16-lane version of the AVX2 bit decode.
+ *  - conv2d: the direct-convolution driver of gemm_common.h with two tile
+ *    shapes, 14x32 and 8x48 (28 / 24 zmm accumulators), picked per conv by
+ *    padding waste; weight panels are gathered (vpgatherdd) and decoded with
+ *    a 32-entry vpermt2d table (bits <= 5) or the bit decode.
+ *  - batched linear: the blocked GEMM with a 14x32 micro-kernel and masked
+ *    edge tiles.
  *  - fixed point and row decode: the AVX2 kernels.
  */
 #include <immintrin.h>

@@ -1,22 +1,26 @@
 /*
- * gemm_common.h - ISA-neutral pieces of the blocked GEMM used by the SIMD conv
- * and batched-linear kernels, and the drivers of those two kernels.  Included
- * (static) by each ISA file, which supplies a micro-kernel and packing
- * routines in an fxs_gemm_isa, so everything compiles with that file's flags.
+ * gemm_common.h - ISA-neutral drivers of the SIMD float kernels.  Included
+ * (static) by each ISA file, which supplies micro-kernels and packing routines
+ * in an fxs_gemm_isa, so everything compiles with that file's flags.
  *
- *   C[M, N] (+)= A[M, K] * B[K, N]   (+ bias per row or per column)
+ * conv2d, main path (fxs_conv2d_direct, "indirect GEMM" without im2col): the
+ *   zero-padded input is copied once per call, split into stride phases, and
+ *   output tiles of MR channels x NR positions are computed over "wide" rows
+ *   so that, for every tap, the NR inputs are one contiguous load at a
+ *   precomputed offset.  Weights are decoded per job, a block of MR-row panels
+ *   at a time, into a thread-local buffer.  Several tile shapes can be offered
+ *   (fxs_direct_cfg); the one with the least padding waste is used.
+ * conv2d, fallback for huge padding (fxs_conv2d_gemm): blocked GEMM with the
+ *   input packed per block (im2col panels) and the weights decoded once.
+ * linear with batch > 4 (fxs_linear_gemm): blocked GEMM, A = x, B = W^T
+ *   decoded per block from the packed words.
  *
- * A is packed once per call into panels of MR rows over the full K:
- *     ap[(i / MR) * MR * K + k * MR + i % MR]   (rows beyond M zero)
- * B is packed per (KC x NC) block by a callback into panels of NR columns:
- *     bp[(j / NR) * NR * kc + k * NR + j % NR]  (columns beyond nc: any finite value)
- * A micro-kernel computes an MR x NR tile over kc and writes or accumulates it.
- *
- * conv2d:  A = the decoded weights of a group (M = out channels / groups),
- *          B = im2col of one image and group, packed per block straight from
- *          the NCHW input (N = output positions), C = y (contiguous rows).
- * linear:  A = x (M = batch), B = W^T decoded per block from the packed words
- *          (N = out features), C = y.
+ * Blocked GEMM layout:  C[M, N] (+)= A[M, K] * B[K, N]  (+ bias per row/column)
+ *   A packed once into panels of MR rows over the full K:
+ *       ap[(i / MR) * MR * K + k * MR + i % MR]   (rows beyond M zero)
+ *   B packed per (KC x NC) block by a callback into panels of NR columns:
+ *       bp[(j / NR) * NR * kc + k * NR + j % NR]  (columns beyond nc: any finite value)
+ *   A micro-kernel computes an MR x NR tile over kc and writes or accumulates it.
  */
 #ifndef FXS_GEMM_COMMON_H
 #define FXS_GEMM_COMMON_H

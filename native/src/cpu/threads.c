@@ -20,7 +20,12 @@
 
 #include "fxs_internal.h"
 
-#define SPIN_NS 200000L /* how long idle workers / the runner spin before sleeping */
+/* Idle workers and a waiting runner spin (pause) for SPIN_NS, then yield the
+ * CPU between checks until YIELD_NS, then sleep on a condition variable:
+ * back-to-back kernel calls start without a futex round trip, while other
+ * threads (torch's, other processes') get the core soon. */
+#define SPIN_NS 20000L
+#define YIELD_NS 100000L
 
 static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER; /* owns the pool during a run */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;     /* guards the condition waits */
@@ -121,11 +126,17 @@ static void *worker_main(void *arg)
         int spins = 0;
         /* Wait for the next generation: spin first, then sleep. */
         for (;;) {
+            long dt;
             g = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
             if (g != seen || __atomic_load_n(&shutting_down, __ATOMIC_ACQUIRE))
                 break;
             cpu_relax();
-            if (++spins % 64 == 0 && now_ns() - t0 > SPIN_NS) {
+            if (++spins % 64 != 0)
+                continue;
+            dt = now_ns() - t0;
+            if (dt > SPIN_NS && dt <= YIELD_NS)
+                sched_yield();
+            if (dt > YIELD_NS) {
                 pthread_mutex_lock(&mu);
                 while ((g = __atomic_load_n(&generation, __ATOMIC_ACQUIRE)) == seen &&
                        !__atomic_load_n(&shutting_down, __ATOMIC_ACQUIRE))
@@ -225,8 +236,14 @@ void fxs_parallel(int64_t n_jobs, int max_tids, fxs_job_fn fn, void *ctx)
         long t0 = now_ns();
         int spins = 0;
         while (__atomic_load_n(&run_pending, __ATOMIC_ACQUIRE) != 0) {
+            long dt;
             cpu_relax();
-            if (++spins % 64 == 0 && now_ns() - t0 > SPIN_NS) {
+            if (++spins % 64 != 0)
+                continue;
+            dt = now_ns() - t0;
+            if (dt > SPIN_NS && dt <= YIELD_NS)
+                sched_yield();
+            if (dt > YIELD_NS) {
                 pthread_mutex_lock(&mu);
                 while (__atomic_load_n(&run_pending, __ATOMIC_ACQUIRE) != 0)
                     pthread_cond_wait(&cv_done, &mu);
