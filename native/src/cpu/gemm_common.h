@@ -465,7 +465,8 @@ done:
  * positions may run into the next image or the zeroed slack at the end. */
 typedef struct {
     const fxs_conv_args *a;
-    float *xq;                 /* phase planes of all images (+ slack) */
+    float *xq;                 /* phase planes of images n0.. (+ slack) */
+    int64_t n0;                /* first image held in xq */
     int64_t Hq, Wq, plane, chan_stride, img_floats;
     int nphase;                /* phases the taps use */
     int phase_y[64], phase_x[64];
@@ -504,7 +505,7 @@ static void fxs_direct_fill_job(void *vctx, int64_t job, int tid)
     const fxs_conv2d_shape *s = &c->a->s;
     const float *x = (const float *)c->a->x;
     int64_t n = job / s->c, ch = job % s->c, r;
-    const float *src = x + (n * s->c + ch) * s->h * s->w;
+    const float *src = x + ((c->n0 + n) * s->c + ch) * s->h * s->w;
     float *dst = c->xq + n * c->img_floats + ch * c->chan_stride;
     int ph;
     (void)tid;
@@ -519,12 +520,14 @@ static void fxs_direct_fill_job(void *vctx, int64_t job, int tid)
         }
 }
 
-#define FXS_DIRECT_A_BYTES (1 << 20)
+#define FXS_DIRECT_A_BYTES (1 << 20)   /* decoded weights per job: about half an L2 */
+#define FXS_DIRECT_IMG_BYTES (1 << 19) /* phase copies above this go one image at a time */
 
 typedef struct {
     const fxs_conv_args *a;
     const fxs_direct_cfg *cfg;
-    const float *xq;
+    const float *xq;           /* phase planes of images n0 .. n0 + nimg */
+    int64_t n0, nimg;
     const int64_t *off;
     int64_t Wq, chan_stride, img_floats;
     int64_t tiles;             /* tiles per image */
@@ -551,7 +554,8 @@ static void fxs_direct_job(void *vctx, int64_t job, int tid)
     int64_t Mg = a->z.o_per_group, out_w = a->z.out_w, out_h = a->z.out_h, K = a->z.k;
     int64_t P = out_h * out_w, it, p;
     int64_t p0 = pb * c->panel_blk, p1 = p0 + c->panel_blk < c->panels ? p0 + c->panel_blk : c->panels;
-    int64_t it1 = (tb + 1) * c->tile_blk < s->n * c->tiles ? (tb + 1) * c->tile_blk : s->n * c->tiles;
+    int64_t it1 = (tb + 1) * c->tile_blk < c->nimg * c->tiles ? (tb + 1) * c->tile_blk
+                                                                : c->nimg * c->tiles;
     const float *bias = (const float *)a->bias;
     float *ap = c->ap + (int64_t)tid * c->ap_stride;
     float *tmp = c->tmp + (int64_t)tid * MR * NR;
@@ -568,7 +572,7 @@ static void fxs_direct_job(void *vctx, int64_t job, int tid)
         for (p = p0; p < p1; ++p) {
             int64_t o = g * Mg + p * MR, j = 0;
             int rows = (int)(Mg - p * MR < MR ? Mg - p * MR : MR);
-            float *yimg = a->y + (n * s->out_channels + o) * P;
+            float *yimg = a->y + ((c->n0 + n) * s->out_channels + o) * P;
             c->cfg->ukernel_ind(K, ap + (p - p0) * MR * K, bimg + q0, c->off, tmp);
             /* scatter the valid columns: one contiguous run per output row */
             while (j < NR) {
@@ -601,7 +605,7 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     int nt = fxs_get_num_threads();
     int64_t Hp = s->h + 2 * s->pad_h, Wp = s->w + 2 * s->pad_w, K = a->z.k, Mg = a->z.o_per_group;
     int64_t Hq = (Hp + s->stride_h - 1) / s->stride_h, Wq = (Wp + s->stride_w - 1) / s->stride_w;
-    int64_t plane, chan_stride, img_floats, total, ci, ky, kx, k;
+    int64_t plane, chan_stride, img_floats, total, ci, ky, kx, k, nimg, n0;
     int64_t want = (int64_t)nt * 4, jobs;
     int64_t *off = NULL;
     int st = FXS_OK, ph, phase_of[8][8];
@@ -648,7 +652,10 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     memset(&c, 0, sizeof c);
     c.Wq = Wq;
     c.tiles = (a->z.out_h * Wq + NR - 1) / NR;
-    total += c.tiles * NR + 64; /* slack for the dropped positions' reads */
+    /* Images whose copy is large go one at a time, so it is still in L2 when
+     * the tiles read it; small ones are batched (more tiles per weight decode). */
+    nimg = img_floats * (int64_t)sizeof(float) > FXS_DIRECT_IMG_BYTES ? 1 : s->n;
+    total = nimg * img_floats + c.tiles * NR + 64; /* slack for the dropped positions' reads */
     fc.a = a;
     fc.Hq = Hq;
     fc.Wq = Wq;
@@ -671,8 +678,7 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
         st = FXS_ERR_OUT_OF_MEMORY;
         goto done;
     }
-    memset(fc.xq + s->n * img_floats, 0, (size_t)(total - s->n * img_floats) * sizeof(float));
-    fxs_parallel(s->n * s->c, nt, fxs_direct_fill_job, &fc);
+    memset(fc.xq + nimg * img_floats, 0, (size_t)(total - nimg * img_floats) * sizeof(float));
     for (ci = 0, k = 0; ci < a->z.c_per_group; ++ci)
         for (ky = 0; ky < s->kh; ++ky)
             for (kx = 0; kx < s->kw; ++kx, ++k) {
@@ -684,7 +690,7 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
      * decodes its panels once, so tile blocks stay large (>= 4 tiles when
      * possible) unless the threads need more jobs. */
     {
-        int64_t pairs = s->n * c.tiles, gp = s->groups * c.n_pb;
+        int64_t pairs = nimg * c.tiles, gp = s->groups * c.n_pb;
         c.tile_blk = pairs;
         while (c.tile_blk > 4 && gp * ((pairs + c.tile_blk - 1) / c.tile_blk) < want)
             c.tile_blk = (c.tile_blk + 1) / 2;
@@ -699,7 +705,12 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     c.off = off;
     c.chan_stride = chan_stride;
     c.img_floats = img_floats;
-    fxs_parallel(jobs, nt, fxs_direct_job, &c);
+    c.nimg = nimg;
+    for (n0 = 0; n0 < s->n; n0 += nimg) {
+        fc.n0 = c.n0 = n0;
+        fxs_parallel(nimg * s->c, nt, fxs_direct_fill_job, &fc);
+        fxs_parallel(jobs, nt, fxs_direct_job, &c);
+    }
 done:
     fxs_free(fc.xq);
     fxs_free(c.ap);
