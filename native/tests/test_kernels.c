@@ -278,7 +278,7 @@ static void test_float_kernels(void)
             conv_shape(2, 3, 32, 32, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1),
             conv_shape(1, 4, 33, 66, 4, 3, 3, 2, 2, 1, 1, 1, 1, 1),       /* 33 wide, s2 */
             conv_shape(1, 4, 18, 18, 4, 3, 3, 1, 1, 0, 0, 1, 1, 1),       /* 16 wide, no pad */
-            /* > 512 KB per image: the direct conv goes one image at a time */
+            /* > 256 KB per image: the direct conv goes one image at a time */
             conv_shape(2, 8, 128, 128, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1),
             /* padding so large that the SIMD kernels use im2col, not a padded copy */
             conv_shape(1, 1, 4, 4, 1, 3, 3, 1, 1, 600, 600, 1, 1, 1),

@@ -521,7 +521,7 @@ static void fxs_direct_fill_job(void *vctx, int64_t job, int tid)
 }
 
 #define FXS_DIRECT_A_BYTES (1 << 20)   /* decoded weights per job: about half an L2 */
-#define FXS_DIRECT_IMG_BYTES (1 << 19) /* phase copies above this go one image at a time */
+#define FXS_DIRECT_IMG_BYTES (1 << 18) /* phase copies above this go one image at a time */
 
 typedef struct {
     const fxs_conv_args *a;
