@@ -195,11 +195,14 @@ def test_latency_budget_is_met_as_predicted_and_cached(tmp_path):
     model = small_cnn()
     x = torch.randn(1, 3, 48, 48)
     cache = tmp_path / "latency.json"
-    budget = Budget(latency=0.6, cache=str(cache))
+    # One onnxruntime thread: on a CPU shared with other jobs, two-thread timings swing by ±7%.
+    budget = Budget(latency=0.6, cache=str(cache), threads=1)
     gm = fxshift.apply([SpatialSVDPass(rank=budget)], model, x)
     summary = budget_summary(gm)[-1]
-    assert abs(summary["fraction"] - 0.6) <= 0.6 * TOLERANCE
-    assert summary["layer_timings"] > 0 and 0 < summary["measured_fraction"] < 1.2  # a busy CPU makes this loose
+    # The allocation is checked against whole-model timings (calibration) until within 3%; a
+    # shared machine's noise can still leave the last one a little outside: a loose bound here.
+    assert summary["calibration"] and abs(summary["fraction"] - 0.6) <= 0.1
+    assert summary["layer_timings"] > 0 and 0 < summary["measured_fraction"] < 1.0
     stored = json.loads(cache.read_text())
     assert len(stored) == summary["layer_timings"]
     clear_cache()
@@ -211,10 +214,10 @@ def test_latency_budget_is_met_as_predicted_and_cached(tmp_path):
 def test_latency_budget_on_resnet18_tracks_measured_speed():
     model = build_torchvision("resnet18")
     x = torch.randn(1, 3, 224, 224)
-    gm = fxshift.apply([SpatialSVDPass(rank=Budget(latency=0.5))], model, x)
+    gm = fxshift.apply([SpatialSVDPass(rank=Budget(latency=0.5, threads=1))], model, x)
     summary = budget_summary(gm)[-1]
-    assert abs(summary["fraction"] - 0.5) <= 0.5 * TOLERANCE
-    assert summary["measured_fraction"] < 0.75  # measured on a shared CPU: loose
+    # The calibrated whole-model timing aims at 3%; timings on a shared CPU swing by about 5%.
+    assert abs(summary["fraction"] - 0.5) <= 0.1 and abs(summary["measured_fraction"] - 0.5) <= 0.1
 
 
 @pytest.mark.slow
@@ -222,7 +225,7 @@ def test_latency_budget_out_of_reach_on_mobilenet_v2():
     # 1×1 and depthwise convs of MobileNetV2 are already cheap: splitting them saves little time.
     model = build_torchvision("mobilenet_v2")
     with pytest.raises(ConfigError, match="cannot be met"):
-        fxshift.apply([SpatialSVDPass(rank=Budget(latency=0.5))], model, torch.randn(1, 3, 224, 224))
+        fxshift.apply([SpatialSVDPass(rank=Budget(latency=0.5, threads=1))], model, torch.randn(1, 3, 224, 224))
 
 
 def test_layer_timer_compares_a_layer_with_its_candidates():
