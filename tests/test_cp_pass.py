@@ -150,8 +150,8 @@ def test_energy_rank_keeps_the_requested_energy():
 
 
 def test_skips_grouped_depthwise_and_non_zero_padding_with_reasons():
-    model = nn.Sequential(conv(8, 8, 3, groups=2), conv(8, 8, 3, groups=8), conv(8, 8, 3, padding=1, padding_mode="circular"),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    model = nn.Sequential(conv(8, 8, 3, groups=2), conv(8, 8, 3, groups=8),
+                          conv(8, 8, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
     gm = fxshift.apply([CPDecomposePass(rank=0.5)], model, torch.randn(1, 8, 8, 8))
     rows = {r["layer"]: r for r in fxshift.report(gm).to_dicts()}
     assert rows["0"]["action"] == "skipped" and "grouped" in rows["0"]["reason"]

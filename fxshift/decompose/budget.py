@@ -57,6 +57,12 @@ class Budget:
     pass chooses per-layer ranks that meet the target with the smallest total reconstruction
     error it can find (see fxshift.decompose.budget for the method).
 
+    For latency, every candidate layer is timed in onnxruntime (cached by layer type, shape and
+    ranks), the allocation is made from those timings, and then checked against the whole model:
+    the chosen structure is timed next to the original and the allocation corrected until the
+    measured fraction is within the tolerance (layers timed alone do not add up to the model).
+    Timings on a busy machine are noisy; `threads=1` gives the steadiest ratios there.
+
     Args:
         macs, params, latency: the fraction to keep (exactly one of them).
         tolerance: how far above the target the result may end when the target cannot be met

@@ -99,8 +99,8 @@ class _Graph:
             return y
         if type(module) is nn.Linear:
             y = self.name("y")
-            self.nodes.append(self.helper.make_node("MatMul", [x, self.const((module.in_features, module.out_features))],
-                                                    [y]))
+            weight = self.const((module.in_features, module.out_features))
+            self.nodes.append(self.helper.make_node("MatMul", [x, weight], [y]))
             if module.bias is not None:
                 z = self.name("y")
                 self.nodes.append(self.helper.make_node("Add", [y, self.const((module.out_features,))], [z]))
@@ -124,7 +124,8 @@ def layer_onnx(module: nn.Module, input_shape: Sequence[int]) -> bytes:
         out = g.add(module, "x")
     except ValueError:
         return model_onnx(module, (torch.randn(tuple(input_shape)),))
-    graph = helper.make_graph(g.nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+    graph = helper.make_graph(g.nodes, "layer",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

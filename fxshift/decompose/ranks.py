@@ -91,7 +91,8 @@ def low_rank(spec: Any, max_rank: int, layer: str, *, spectrum: Optional[Callabl
     """
     where = _where(layer, max_rank, mode, what)
     if isinstance(spec, bool) or spec is None:
-        raise ConfigError(f"{where}: rank {spec!r} is not a valid setting; use a fraction, an int, 'vbmf' or 'energy:τ'")
+        raise ConfigError(f"{where}: rank {spec!r} is not a valid setting; use a fraction, an int, 'vbmf' or "
+                          "'energy:τ'")
     if isinstance(spec, float):
         if not 0.0 < spec <= 1.0:
             raise ConfigError(f"{where}: rank fraction {spec} must lie in (0, 1]; use an int for an absolute rank")
