@@ -7,6 +7,8 @@ from .errors import ConfigError, FxshiftError, RecipeError, TraceError
 from .passes import RecomposePass, TuckerDecomposePass
 from .passes import CPDecomposePass, SpatialSVDPass
 from .passes import FreezePass, ShiftQuantizePass, freeze
+from .passes import ExportOnnxPass
+from .onnx import export_onnx
 from .pipeline import apply
 from .report import Report, report
 from .trace import trace
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parameter_count", "TuckerDecomposePass",
            "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
            "RecipeError", "errors", "CPDecomposePass", "SpatialSVDPass", "Budget"]
+__all__ += ["export_onnx", "ExportOnnxPass"]
 
 
 def __getattr__(name: str):

@@ -9,6 +9,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== native tests (ASan + UBSan)"
 bash native/tests/run_sanitizers.sh
 
+echo "== onnxruntime plugin tests (ASan + UBSan)"
+bash native/ort/run_asan_tests.sh
+
 if command -v nvcc >/dev/null 2>&1; then
   echo "== CUDA kernels: compiled by the package build (nvcc found)"
   ls .venv/lib/python3*/site-packages/fxshift/_native/libfxshift_cuda.so

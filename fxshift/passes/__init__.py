@@ -1,6 +1,7 @@
 """One pass per file. Every pass is a torch.fx PassBase: `call(gm) -> PassResult`."""
 from .cp import CPDecomposePass
 from .decompose_base import DecompositionPass
+from .export import ExportOnnxPass
 from .freeze import FreezePass, freeze
 from .recompose import RecomposePass
 from .shift_quantize import ShiftQuantizePass
@@ -9,3 +10,4 @@ from .tucker import TuckerDecomposePass
 
 __all__ = ["DecompositionPass", "RecomposePass", "TuckerDecomposePass", "ShiftQuantizePass", "FreezePass", "freeze",
            "CPDecomposePass", "SpatialSVDPass"]
+__all__ += ["ExportOnnxPass"]

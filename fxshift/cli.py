@@ -1,0 +1,436 @@
+"""The ``fxshift`` command: compress a model into an ONNX file, benchmark it, inspect it.
+
+    fxshift compress MODEL --pass tucker:rank=0.5 --pass shift:weight_bits=5 --export out.onnx
+    fxshift bench out.onnx [--batch 1 8] [--float MODEL]
+    fxshift inspect out.onnx
+
+MODEL is ``torchvision:NAME`` (random init: no weights are downloaded) or ``module:factory`` (a
+callable returning an nn.Module; the current directory is importable). A pass is ``NAME`` or
+``NAME:key=value,key=value`` with NAME one of tucker, cp, spatial, shift, freeze, recompose; values
+are Python literals (``rank=0.5``, ``activation_bits=(16,16)``) or plain strings (``rank=vbmf``).
+Errors are reported in one line (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import inspect
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["main", "build_model", "parse_pass", "PASSES"]
+
+PASSES = {"tucker": "TuckerDecomposePass", "cp": "CPDecomposePass", "spatial": "SpatialSVDPass",
+          "shift": "ShiftQuantizePass", "freeze": "FreezePass", "recompose": "RecomposePass"}
+
+
+class CliError(Exception):
+    """A user error: printed as one line."""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------
+def build_model(spec: str):
+    """An nn.Module from ``torchvision:NAME`` or ``module:factory``."""
+    if ":" not in spec:
+        raise CliError(f"MODEL must be torchvision:NAME or module:factory, got {spec!r}")
+    source, name = spec.split(":", 1)
+    if source == "torchvision":
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise CliError(f"{spec}: torchvision is not installed ({exc})") from None
+        factory = getattr(torchvision.models, name, None)
+        if factory is None or not callable(factory) or name.startswith("_"):
+            raise CliError(f"{spec}: torchvision.models has no model {name!r}")
+        options = {"googlenet": {"init_weights": False, "aux_logits": False},
+                   "inception_v3": {"init_weights": False, "aux_logits": False}}.get(name, {})
+        model = factory(weights=None, **options)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(source)
+        except ImportError as exc:
+            raise CliError(f"{spec}: cannot import module {source!r} ({exc})") from None
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            raise CliError(f"{spec}: module {source!r} has no callable {name!r}")
+        model = factory()
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"{spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        parts.append(current)
+    return parts
+
+
+def _value(text: str) -> Any:
+    text = text.strip()
+    if text in ("none", "None", "null"):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_pass(spec: str):
+    """A pass object from ``NAME[:key=value,...]``."""
+    import fxshift
+
+    name, _, args = spec.partition(":")
+    name = name.strip().lower()
+    if name not in PASSES or not hasattr(fxshift, PASSES[name]):
+        known = ", ".join(n for n in PASSES if hasattr(fxshift, PASSES[n]))
+        raise CliError(f"--pass {spec!r}: unknown pass {name!r}; known: {known}")
+    cls = getattr(fxshift, PASSES[name])
+    kwargs = {}
+    for item in _split_top(args):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise CliError(f"--pass {spec!r}: expected key=value, got {item!r}")
+        kwargs[key.strip()] = _value(value)
+    params = inspect.signature(cls).parameters
+    unknown = [k for k in kwargs if k not in params]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise CliError(f"--pass {spec!r}: {cls.__name__} has no option {unknown[0]!r}; options: "
+                       f"{', '.join(p for p in params if p not in ('self', 'args', 'kwargs'))}")
+    if "progress" in params and "progress" not in kwargs:
+        kwargs["progress"] = True
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--pass {spec!r}: {exc}") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise CliError(f"--input-shape must be comma-separated ints like 1,3,224,224, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise CliError(f"--input-shape must be positive ints, got {text!r}")
+    return dims
+
+
+# ------------------------------------------------------------------------------------------------
+# compress
+# ------------------------------------------------------------------------------------------------
+class _Steps:
+    """One line per step on stderr: what runs now, then how long it took."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def run(self, label: str, fn: Callable[[], Any]) -> Any:
+        self.done += 1
+        _log(f"[{self.done}/{self.total}] {label} ...")
+        start = time.perf_counter()
+        result = fn()
+        _log(f"[{self.done}/{self.total}] {label}: done in {time.perf_counter() - start:.1f} s")
+        return result
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    import fxshift
+    from fxshift.pipeline import apply, pass_name, run_pass
+
+    passes = [parse_pass(p) for p in args.passes]
+    shape = _shape(args.input_shape)
+    if args.export is None and args.save is None:
+        _log("fxshift compress: neither --export nor --save given; the result is only reported")
+    steps = _Steps(1 + len(passes) + (args.export is not None) + (args.save is not None))
+    torch.manual_seed(args.seed)
+    model = steps.run(f"build {args.model}", lambda: build_model(args.model))
+    example = torch.randn(*shape)
+    gm = apply([], model, example)
+    for p in passes:
+        gm = steps.run(pass_name(p), lambda p=p: run_pass(p, gm))
+    if args.report:
+        print(fxshift.report(gm))
+    if args.save is not None:
+        steps.run(f"save {args.save}", lambda: fxshift.save(gm, args.save))
+    if args.export is not None:
+        metadata = {"fxshift.model": args.model, "fxshift.passes": ";".join(args.passes),
+                    "fxshift.input_shape": ",".join(str(d) for d in shape)}
+        path = steps.run(f"export {args.export}",
+                         lambda: fxshift.export_onnx(gm, example, args.export, target=args.target, metadata=metadata))
+        print(f"{path}: {_mb(Path(path).stat().st_size)} (float model: "
+              f"{_mb(4 * sum(p.numel() for p in model.parameters()))} of float32 parameters)")
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+# ------------------------------------------------------------------------------------------------
+# inspect
+# ------------------------------------------------------------------------------------------------
+def _load(path: str):
+    import onnx
+
+    if not Path(path).is_file():
+        raise CliError(f"{path}: no such file")
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types
+        raise CliError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
+
+
+def _dims(value_info) -> list:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_param if d.dim_param else d.dim_value for d in shape.dim]
+
+
+def inspect_model(path: str) -> dict:
+    """Op counts, weight bytes and the fxshift nodes of an ONNX file (as a dict)."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    model = _load(path)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+    by_type: dict[str, list[int]] = {}
+    for init in model.graph.initializer:
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        n = int(np.prod(init.dims)) if len(init.dims) else 1
+        entry = by_type.setdefault(onnx.TensorProto.DataType.Name(init.data_type).lower(), [0, 0])
+        entry[0] += 1
+        entry[1] += n * np.dtype(dtype).itemsize
+    shift_nodes = []
+    for node in model.graph.node:
+        if node.domain == "fxshift":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "ShiftConv2d":
+                weights = int(np.prod(attrs.get("weight_shape", [0])))
+            else:
+                weights = int(attrs.get("in_features", 0)) * int(attrs.get("out_features", 0))
+            shift_nodes.append({"name": node.name, "op": node.op_type, "bits": attrs.get("bits"),
+                                "has_zero": attrs.get("has_zero"), "weights": weights})
+    return {"path": path, "bytes": Path(path).stat().st_size, "ir_version": model.ir_version,
+            "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+            "functions": [f"{f.domain}::{f.name}" for f in model.functions],
+            "inputs": {i.name: _dims(i) for i in model.graph.input},
+            "outputs": {o.name: _dims(o) for o in model.graph.output},
+            "metadata": {p.key: p.value for p in model.metadata_props},
+            "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "initializers": {k: {"count": v[0], "bytes": v[1]} for k, v in sorted(by_type.items())},
+            "shift_nodes": shift_nodes}
+
+
+def cmd_inspect(args) -> int:
+    from fxshift.report import format_table
+
+    info = inspect_model(args.file)
+    print(f"{info['path']}: {_mb(info['bytes'])}, IR {info['ir_version']}, opsets "
+          + ", ".join(f"{k} {v}" for k, v in info["opsets"].items()))
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}: " + ", ".join(f"{n} {v}" for n, v in info[kind].items()))
+    if info["metadata"]:
+        print("metadata: " + "; ".join(f"{k}={v}" for k, v in info["metadata"].items()))
+    if info["functions"]:
+        print("function bodies: " + ", ".join(info["functions"]) + " (stock onnxruntime runs the fxshift ops)")
+    print()
+    print(format_table([{"op": k, "count": v} for k, v in info["ops"].items()], ["op", "count"]))
+    print()
+    weights = [{"initializers": k, "count": v["count"], "bytes": v["bytes"], "MB": f"{v['bytes'] / 1e6:.2f}"}
+               for k, v in info["initializers"].items()]
+    total = sum(v["bytes"] for v in info["initializers"].values())
+    weights.append({"initializers": "total", "count": sum(v["count"] for v in info["initializers"].values()),
+                    "bytes": total, "MB": f"{total / 1e6:.2f}"})
+    print(format_table(weights, ["initializers", "count", "bytes", "MB"]))
+    if info["shift_nodes"]:
+        groups: dict[tuple, list[int]] = {}
+        for n in info["shift_nodes"]:
+            g = groups.setdefault((n["op"], n["bits"], n["has_zero"]), [0, 0])
+            g[0] += 1
+            g[1] += n["weights"]
+        print()
+        print(format_table([{"shift op": op, "bits": b, "has_zero": z, "nodes": c, "weights": w,
+                             "float32 MB": f"{4 * w / 1e6:.2f}"} for (op, b, z), (c, w) in sorted(groups.items())],
+                           ["shift op", "bits", "has_zero", "nodes", "weights", "float32 MB"]))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------------
+def _input_shape(info: dict, override: Optional[str]) -> tuple[int, ...]:
+    if override:
+        return _shape(override)
+    meta = info["metadata"].get("fxshift.input_shape")
+    if meta:
+        return _shape(meta)
+    if len(info["inputs"]) != 1:
+        raise CliError("the model has several inputs; bench supports one (give --input-shape for it)")
+    dims = next(iter(info["inputs"].values()))
+    rest = dims[1:]
+    if any(not isinstance(d, int) or d < 1 for d in rest):
+        raise CliError(f"the input's shape {dims} has symbolic dimensions besides the batch; give --input-shape")
+    return (1, *rest)
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from fxshift.latency import export_plain, interleaved_medians
+    from fxshift.onnx import plugin_available, session
+    from fxshift.report import format_table
+
+    info = inspect_model(args.file)
+    shape = _input_shape(info, args.input_shape)
+    float_spec = args.float or info["metadata"].get("fxshift.model")
+    has_shift = bool(info["shift_nodes"])
+    runtimes: dict[str, tuple[Any, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="fxshift-bench-") as tmp:
+        if float_spec:
+            if float_spec.endswith(".onnx"):
+                float_path = Path(float_spec)
+                if not float_path.is_file():
+                    raise CliError(f"--float {float_spec}: no such file")
+            else:
+                import torch
+
+                _log(f"exporting the float model {float_spec} (standard ops) ...")
+                float_path = Path(tmp) / "float.onnx"
+                export_plain(build_model(float_spec), (torch.randn(*shape),), float_path)
+            runtimes["float"] = (session(float_path, plugin=False, threads=args.threads), float_path.stat().st_size)
+        else:
+            _log("no float model (give --float MODEL or a .onnx file): ratios are left out")
+        size = info["bytes"]
+        if has_shift and plugin_available():
+            runtimes["plugin"] = (session(args.file, plugin=True, threads=args.threads), size)
+        elif has_shift:
+            _log("libfxshift_ort not found: the plugin row is left out (" + "build it; see README)")
+        runtimes["functions" if has_shift else "model"] = (session(args.file, plugin=False, threads=args.threads),
+                                                          size)
+        rows = []
+        for batch in args.batch:
+            x = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
+            bar = tqdm(total=len(runtimes) * (args.rounds + 2), desc=f"batch {batch}", unit="run", leave=False,
+                       file=sys.stderr)
+
+            def runner(s):
+                feed = {s.get_inputs()[0].name: x}
+
+                def run():
+                    s.run(None, feed)
+                    bar.update(1)
+                return run
+
+            medians = interleaved_medians({k: runner(s) for k, (s, _) in runtimes.items()}, rounds=args.rounds)
+            bar.close()
+            base = medians.get("float")
+            for name, (s, nbytes) in runtimes.items():
+                rows.append({"batch": batch, "runtime": name, "ms": f"{1e3 * medians[name]:.2f}",
+                             "speed vs float": f"{base / medians[name]:.2f}x" if base else "",
+                             "MB": f"{nbytes / 1e6:.2f}",
+                             "size vs float": f"{nbytes / runtimes['float'][1]:.3f}" if base else ""})
+    print(f"{args.file}: onnxruntime CPU latency, median of {args.rounds} interleaved rounds, input "
+          f"{(None, *shape[1:])}")
+    print(format_table(rows, ["batch", "runtime", "ms", "speed vs float", "MB", "size vs float"]))
+    print("runtime: float = the float model exported with standard ops; plugin = fxshift ops on libfxshift_ort; "
+          "functions = fxshift ops through the file's function bodies (stock onnxruntime)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxshift", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="apply passes to a model and export it to ONNX")
+    p.add_argument("model", metavar="MODEL", help="torchvision:NAME or module:factory")
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                   help="NAME[:key=value,...], NAME in " + ", ".join(PASSES) + " (repeatable, in order)")
+    p.add_argument("--export", metavar="OUT.onnx", help="write the result to this ONNX file")
+    p.add_argument("--target", choices=["fxshift", "portable"], default="fxshift")
+    p.add_argument("--save", metavar="OUT.pt", help="also save weights + recipe (fxshift.save)")
+    p.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
+    p.add_argument("--report", action="store_true", help="print the per-layer report")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("bench", help="onnxruntime latency with and without the plugin, against the float model")
+    p.add_argument("file", metavar="FILE.onnx")
+    p.add_argument("--float", metavar="MODEL|FILE.onnx",
+                   help="the float model (default: the MODEL recorded by fxshift compress)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--input-shape", default=None, help="input shape (default: recorded at export)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("inspect", help="op counts and weight bytes of an ONNX file")
+    p.add_argument("file", metavar="FILE.onnx")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _log("fxshift: interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command line reports every error in one line
+        if args.debug:
+            raise
+        from fxshift.errors import FxshiftError
+
+        known = isinstance(exc, (CliError, FxshiftError, OSError, ValueError))
+        prefix = "" if known else f"{type(exc).__name__}: "
+        _log(f"fxshift {args.command}: error: {prefix}{_one_line(exc)}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

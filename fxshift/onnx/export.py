@@ -1,0 +1,221 @@
+"""export_onnx: a GraphModule (or any nn.Module) → an ONNX file, shift layers as fxshift-domain nodes.
+
+Through torch.onnx.export (the dynamo exporter). Decomposed layers are ordinary Conv2d / Linear
+modules and become standard Conv / Gemm nodes. Frozen shift layers call torch.ops.fxshift.*; a
+custom translation table turns each call into an ``fxshift.ShiftConv2d`` / ``fxshift.ShiftLinear``
+node with the packed words as an int32 initializer and typed attributes, and the file carries each
+op's model-local function body (fxshift.onnx.functions), so stock onnxruntime runs it too.
+``target="portable"`` inlines those bodies: standard ops only, the packed words still packed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import FxshiftError
+from . import functions
+
+__all__ = ["export_onnx", "to_model_proto", "inline_functions", "TARGETS", "ExportError"]
+
+TARGETS = ("fxshift", "portable")
+
+
+class ExportError(FxshiftError):
+    """Exporting to ONNX failed (the message names the step and what to do)."""
+
+
+def _op():
+    import onnxscript
+
+    functions.register_schemas()
+    return onnxscript.values.Opset(functions.DOMAIN, functions.DOMAIN_VERSION)
+
+
+def _translation_table() -> dict:
+    from ..ops import shift_ops  # noqa: F401  (defines torch.ops.fxshift.*)
+
+    fx = _op()
+
+    def shift_conv2d(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+        ph, pw = (int(p) for p in padding)
+        return fx.ShiftConv2d(x, words, bias, weight_shape=[int(d) for d in weight_shape],
+                              strides=[int(s) for s in stride], pads=[ph, pw, ph, pw],
+                              dilations=[int(d) for d in dilation], group=int(groups), bits=int(bits),
+                              has_zero=int(bool(has_zero)))
+
+    def shift_linear(x, words, out_features, bits, has_zero, bias=None):
+        in_features = x.shape[-1] if x.shape is not None else None
+        if not isinstance(in_features, int):
+            raise ExportError(f"fxshift::shift_linear: the input's last dimension must be static, got {in_features}")
+        return fx.ShiftLinear(x, words, bias, in_features=int(in_features), out_features=int(out_features),
+                              bits=int(bits), has_zero=int(bool(has_zero)))
+
+    return {torch.ops.fxshift.shift_conv2d.default: shift_conv2d,
+            torch.ops.fxshift.shift_linear.default: shift_linear}
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    """The model with trained shift layers replaced by their packed form (fxshift.freeze), else itself."""
+    from ..nn.shift import SHIFT_LAYERS
+
+    if any(isinstance(m, SHIFT_LAYERS) for m in model.modules()):
+        from ..passes.freeze import freeze
+
+        return freeze(model)
+    return model
+
+
+def _check(model) -> None:
+    import onnx
+
+    functions.register_schemas()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the exported model fails onnx.checker (full check): {exc}") from exc
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() > 1_900_000_000:  # protobuf's 2 GB limit: weights go to a side file
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(model, os.fspath(path))
+
+
+def to_model_proto(model: nn.Module, example_inputs: Any, *, target: str = "fxshift", dynamic_batch: bool = True,
+                   opset: Optional[int] = None, freeze: bool = True, metadata: Optional[dict] = None):
+    """Like :func:`export_onnx` but returns the checked ``onnx.ModelProto`` instead of writing a file."""
+
+    if target not in TARGETS:
+        raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
+    if opset is not None and opset < functions.MIN_OPSET:
+        raise ExportError(f"opset must be >= {functions.MIN_OPSET} (the fxshift function bodies use BitwiseAnd), "
+                          f"got {opset}")
+    inputs = _as_tuple(example_inputs)
+    frozen = _frozen(model) if freeze else model
+    was_training = frozen.training
+    try:
+        proto = _export(frozen.eval(), inputs, target, dynamic_batch, opset)
+    finally:
+        frozen.train(was_training)
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    return proto
+
+
+def _export(model: nn.Module, inputs: tuple, target: str, dynamic_batch: bool, opset: Optional[int]):
+    if dynamic_batch and any(t.dim() == 0 for t in inputs):
+        raise ExportError("dynamic_batch=True needs inputs with a batch dimension (dim 0); pass dynamic_batch=False")
+    # torch.export specialises a dimension of size 1: trace dynamic batches with two samples
+    trace_inputs = tuple(t.expand(2, *t.shape[1:]).contiguous() if dynamic_batch and t.shape[0] == 1 else t
+                         for t in inputs)
+    names = ["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))]
+    dynamic_shapes = tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs) if dynamic_batch else None
+    log = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, trace_inputs, dynamo=True, verbose=False, input_names=names,
+                                        output_names=["output"], opset_version=opset, dynamic_shapes=dynamic_shapes,
+                                        custom_translation_table=_translation_table(), optimize=True,
+                                        external_data=False)
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporter's errors are long; keep the first line and the log
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
+    proto = program.model_proto
+    proto.producer_name = "fxshift"
+    functions.add_functions(proto)
+    if target == "portable":
+        proto = inline_functions(proto)
+    _check(proto)
+    return proto
+
+
+def inline_functions(proto):
+    """The model with its fxshift function bodies inlined: standard ops only (what target="portable" writes).
+
+    Stock onnxruntime runs both forms exactly; the inlined one lets its graph optimizer fuse the
+    decoded convolutions with the BatchNorm/ReLU after them (it inlines model-local functions only
+    after those fusions ran), so it runs at the float model's speed.
+    """
+    import onnx
+    import onnx.inliner
+
+    proto = onnx.inliner.inline_local_functions(proto)
+    del proto.functions[:]
+    keep = [o for o in proto.opset_import if o.domain != functions.DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    return proto
+
+
+def export_onnx(gm: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], *, target: str = "fxshift",
+                dynamic_batch: bool = True, opset: Optional[int] = None, freeze: bool = True,
+                metadata: Optional[dict] = None) -> Path:
+    """Export a model (typically the GraphModule of :func:`fxshift.apply`) to an ONNX file.
+
+    Parameters
+    ----------
+    gm : nn.Module
+        The model; it is not changed. Trained shift layers (ShiftConv2d / ShiftLinear) are frozen
+        into their packed form first (``freeze=False`` exports them as float ops instead).
+    example_inputs : tensor or tuple of tensors
+        Inputs to trace with (float32 for shift layers).
+    path : str or PathLike
+        Where to write the ``.onnx`` file (parent folders are created).
+    target : {"fxshift", "portable"}
+        ``"fxshift"``: frozen shift layers become ``fxshift.ShiftConv2d`` / ``fxshift.ShiftLinear``
+        nodes (packed int32 words as initializers, typed attributes), each op with a model-local
+        function body of standard ops, so stock onnxruntime runs the file and fxshift's plugin
+        (:func:`fxshift.onnx.session`) replaces the bodies by native kernels. ``"portable"``:
+        the bodies are inlined; standard ops only.
+    dynamic_batch : bool
+        Make dimension 0 of every input (and output) symbolic ("batch").
+    opset : int, optional
+        Opset of the default domain (>= 18); torch's default when None.
+    metadata : dict, optional
+        Strings stored in the file's ``metadata_props`` (``fxshift compress`` records the model there).
+
+    Returns
+    -------
+    pathlib.Path
+        The file written. It passes ``onnx.checker.check_model(full_check=True)``.
+
+    Raises
+    ------
+    ExportError
+        When torch.onnx.export fails (the message keeps its first line) or the result fails the checker.
+
+    Example
+    -------
+    >>> gm = fxshift.apply([TuckerDecomposePass(0.5), ShiftQuantizePass(weight_bits=5)], model, x)
+    >>> fxshift.export_onnx(gm, x, "model.onnx")
+    >>> fxshift.onnx.session("model.onnx").run(None, {"input": x.numpy()})
+    """
+    path = Path(path)
+    proto = to_model_proto(gm, example_inputs, target=target, dynamic_batch=dynamic_batch, opset=opset, freeze=freeze,
+                           metadata=metadata)
+    _save(proto, path)
+    return path

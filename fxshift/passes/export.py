@@ -1,0 +1,56 @@
+"""ExportOnnxPass: export the pipeline's result to ONNX (fxshift.onnx.export_onnx) as its last step."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..errors import ConfigError
+from ..pipeline import example_inputs_of
+
+
+class ExportOnnxPass(PassBase):
+    """Writes the GraphModule it is given to an ONNX file and returns it unchanged.
+
+    Args:
+        path: the ``.onnx`` file to write.
+        example_inputs: inputs to trace with; default: the example inputs given to ``fxshift.apply``.
+        target, dynamic_batch, opset, freeze, metadata: as for :func:`fxshift.export_onnx`.
+
+    After the pass ``gm.meta["fxshift_onnx_path"]`` holds the path written.
+
+    Example:
+        >>> gm = fxshift.apply([TuckerDecomposePass(rank=0.5), ShiftQuantizePass(weight_bits=5),
+        ...                     ExportOnnxPass("model.onnx")], model, x)
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], example_inputs: Any = None, *, target: str = "fxshift",
+                 dynamic_batch: bool = True, opset: Optional[int] = None, freeze: bool = True,
+                 metadata: Optional[dict] = None):
+        from ..onnx.export import TARGETS
+
+        if target not in TARGETS:
+            raise ConfigError(f"ExportOnnxPass: target must be one of {TARGETS}, got {target!r}")
+        self.path = Path(path)
+        self.example_inputs = example_inputs
+        self.target, self.dynamic_batch, self.opset, self.freeze = target, dynamic_batch, opset, freeze
+        self.metadata = metadata
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        from ..onnx.export import export_onnx
+
+        inputs = self.example_inputs if self.example_inputs is not None else example_inputs_of(gm)
+        if inputs is None:
+            raise ConfigError("ExportOnnxPass needs example inputs: give them to fxshift.apply(pipeline, model, x) "
+                              "or to ExportOnnxPass(path, example_inputs=x)")
+        was_training = gm.training
+        try:
+            written = export_onnx(gm, inputs, self.path, target=self.target, dynamic_batch=self.dynamic_batch,
+                                  opset=self.opset, freeze=self.freeze, metadata=self.metadata)
+        finally:
+            gm.train(was_training)
+        gm.meta["fxshift_onnx_path"] = written
+        return PassResult(gm, False)
