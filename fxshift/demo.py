@@ -5,7 +5,8 @@
 Stages: train in float → TuckerDecomposePass(0.5) → fine-tune → RecomposePass (the original
 architecture again); DeepShift-Q 5-bit on the float model and on the fine-tuned Tucker model, each
 fine-tuned and frozen to packed 5-bit codes. Each row: test accuracy, parameters, MACs, weight
-bytes, CPU latency (batch 1, median of interleaved runs).
+bytes, CPU latency (batch 1, median of interleaved runs). Last, the fully compressed model is
+exported to ONNX and run in onnxruntime with fxshift's plugin and through the function bodies.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--weight-bits", type=int, default=5, help="DeepShift weight bits")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--onnx", default="fxshift_demo.onnx", help="where to write the compressed model")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -132,6 +134,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     print()
     print(stage_table(stages, example))
+
+    # Deployment: the fully compressed model as an ONNX file, run in onnxruntime with fxshift's plugin.
+    from fxshift.onnx import compare_in_onnxruntime
+
+    result = compare_in_onnxruntime(stages[-1].model, example, args.onnx, baseline=model)
+    runtimes = ", ".join(f"{k} {v:.2e}" for k, v in result["rel_error"].items())
+    timings = ", ".join(f"{k} {v:.3f} ms" for k, v in result["latency_ms"].items())
+    print(f"\nonnxruntime: {result['path']} ({result['bytes'] / 1e3:.1f} kB vs float "
+          f"{result['float_bytes'] / 1e3:.1f} kB), plugin {'loaded' if result['plugin'] else 'NOT found'}; "
+          f"relative error vs torch: {runtimes}; latency: {timings}")
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
 
 
