@@ -33,6 +33,8 @@ def ort_session(path: str | os.PathLike, threads: Optional[int] = None, options:
     so.intra_op_num_threads = threads or os.cpu_count() or 1
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning worker threads steal the core from everything else on a shared machine and distort ratios.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
 
 
