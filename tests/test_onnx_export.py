@@ -108,6 +108,7 @@ def test_shift_layers_become_fxshift_nodes(shift_net, shift_file):
         attrs = {a.name: a for a in node.attribute}
         assert attrs["bits"].type == AttributeProto.INT and attrs["bits"].i == 5
         assert attrs["has_zero"].type == AttributeProto.INT
+        assert len(node.input) == 3 and node.input[2] in inits  # bias-less layers get zeros: fusable bodies
         w = inits[node.input[1]]
         assert w.data_type == onnx.TensorProto.INT32
         array = numpy_helper.to_array(w)

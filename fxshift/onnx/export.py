@@ -38,13 +38,29 @@ def _op():
     return onnxscript.values.Opset(functions.DOMAIN, functions.DOMAIN_VERSION)
 
 
+def _standard_op():
+    import onnxscript
+
+    return onnxscript.opset18
+
+
 def _translation_table() -> dict:
     from ..ops import shift_ops  # noqa: F401  (defines torch.ops.fxshift.*)
 
     fx = _op()
 
+    def zeros(n: int):
+        # A bias-less layer gets a zero bias: with the B input left empty onnxruntime's optimizer does
+        # not fuse the (function-body) Conv with the BatchNorm/ReLU after it; n floats cost nothing.
+        import numpy as np
+        import onnx_ir as ir
+
+        return _standard_op().Constant(value=ir.tensor(np.zeros(int(n), dtype=np.float32)))
+
     def shift_conv2d(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
         ph, pw = (int(p) for p in padding)
+        if bias is None:
+            bias = zeros(weight_shape[0])
         return fx.ShiftConv2d(x, words, bias, weight_shape=[int(d) for d in weight_shape],
                               strides=[int(s) for s in stride], pads=[ph, pw, ph, pw],
                               dilations=[int(d) for d in dilation], group=int(groups), bits=int(bits),
@@ -54,6 +70,8 @@ def _translation_table() -> dict:
         in_features = x.shape[-1] if x.shape is not None else None
         if not isinstance(in_features, int):
             raise ExportError(f"fxshift::shift_linear: the input's last dimension must be static, got {in_features}")
+        if bias is None:
+            bias = zeros(out_features)
         return fx.ShiftLinear(x, words, bias, in_features=int(in_features), out_features=int(out_features),
                               bits=int(bits), has_zero=int(bool(has_zero)))
 
