@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import fxshift
-from fxshift.decompose.latency import LatencyTimer, model_onnx, _runner, _session
+from fxshift.onnx.latency import LatencyTimer, model_onnx
+from fxshift.onnx.runtime import session_runner
 from fxshift.passes.decompose_base import budget_summary
 
 from conftest import QUICK, build_torchvision
@@ -92,7 +93,7 @@ def test_macs_budget_speedup(benchmark, setup, name, method):
     decomposed_onnx = model_onnx(gm, (base["x"],))
     medians = timer.models({"original": base["onnx"], "decomposed": decomposed_onnx}, (base["x"],),
                            min_time=0.5 if QUICK else 2.0)
-    run = _runner(_session(decomposed_onnx, timer.threads), [base["x"].numpy()])
+    run = session_runner(timer.session(decomposed_onnx), [base["x"]])
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     mac_ratio = fxshift.macs(gm, base["x"]) / base["macs"]
     speedup = medians["original"] / medians["decomposed"]
@@ -121,7 +122,7 @@ def test_latency_budget_against_macs_budget(benchmark, setup, name, method):
     onnx_latency, onnx_macs = model_onnx(by_latency, (base["x"],)), model_onnx(by_macs, (base["x"],))
     medians = timer.models({"original": base["onnx"], "latency": onnx_latency, "macs": onnx_macs}, (base["x"],),
                            min_time=0.5 if QUICK else 2.0)
-    run = _runner(_session(onnx_latency, timer.threads), [base["x"].numpy()])
+    run = session_runner(timer.session(onnx_latency), [base["x"]])
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     summary = budget_summary(by_latency)[-1]
     result = dict(

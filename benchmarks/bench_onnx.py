@@ -4,7 +4,7 @@ inlined (target="portable"), as ratios to float measured in one run, with the fi
 
 Run: pytest benchmarks/bench_onnx.py -s   (FXSHIFT_BENCH_QUICK=1: resnet18 at batch 1 only, few rounds)
 All four files are written by fxshift.export_onnx (the same exporter). The four sessions are timed
-round-robin (fxshift.latency.interleaved_medians) so they share the machine's noise; pytest-benchmark
+round-robin (fxshift.onnx.runtime.median_times) so they share the machine's noise; pytest-benchmark
 records the plugin session. Tucker uses n_iter_max=2: latency depends on the ranks, not on how well
 HOOI converged on random weights.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxshift
-from fxshift.latency import interleaved_medians, session_runner
+from fxshift.onnx.runtime import median_times, session_runner
 from fxshift.onnx import export_onnx, plugin_available, session
 from fxshift.onnx.export import inline_functions
 
@@ -67,7 +67,7 @@ def test_ort_latency_float_tucker_shift(benchmark, exported, name, batch):
                "shift_portable": session_runner(session(files["portable"], plugin=False), (x,))}
     if plugin_available():
         runners["shift_plugin"] = session_runner(session(files["shift"], plugin=True), (x,))
-    medians = interleaved_medians(runners, rounds=3 if QUICK else 10, warmup=1 if QUICK else 2)
+    medians = median_times(runners, rounds=3 if QUICK else 10, warmup=1 if QUICK else 2)
     main = runners.get("shift_plugin", runners["shift_functions"])
     benchmark.pedantic(main, rounds=2 if QUICK else 5, iterations=1, warmup_rounds=1)
     sizes = {"float": files["float"].stat().st_size, "tucker": files["tucker"].stat().st_size,

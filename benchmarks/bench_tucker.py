@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fxshift
-from fxshift.latency import export_plain, interleaved_medians, ort_session, session_runner
+from fxshift.onnx import export_plain, session
+from fxshift.onnx.runtime import median_times, session_runner
 
 from conftest import QUICK, build_torchvision
 
@@ -50,8 +51,8 @@ def exported(tmp_path_factory):
 def test_ort_latency_original_vs_tucker(benchmark, exported, name, batch):
     files = exported(name)
     x = torch.randn(batch, 3, IMAGE, IMAGE)
-    runners = {kind: session_runner(ort_session(files[kind]), (x,)) for kind in ("original", "tucker")}
-    medians = interleaved_medians(runners, rounds=5 if QUICK else 15)
+    runners = {kind: session_runner(session(files[kind], plugin=False), (x,)) for kind in ("original", "tucker")}
+    medians = median_times(runners, rounds=5 if QUICK else 15)
     benchmark.pedantic(runners["tucker"], rounds=3 if QUICK else 10, iterations=1, warmup_rounds=1)
     speedup = medians["original"] / medians["tucker"]
     benchmark.extra_info.update(model=name, batch=batch, original_ms=1e3 * medians["original"],

@@ -1,6 +1,6 @@
 """Tucker, CP and spatial (Tai) decompositions of one trained CNN at the same whole-model MAC budget.
 
-A small CNN (fxshift.demo.small_cnn: four conv blocks and a linear classifier) is trained on
+A small CNN (fxshift.models.small_cnn: four conv blocks and a linear classifier) is trained on
 Fashion-MNIST in float, then each decomposition pass is applied with the same
 ``fxshift.Budget(macs=B)`` (each chooses its own per-layer ranks), and each decomposed model is
 fine-tuned for one epoch with the same optimizer and schedule. Reported per model: test accuracy
@@ -34,8 +34,9 @@ if str(ROOT) not in sys.path:
 
 import fxshift  # noqa: E402
 from fxshift.data import fashion_mnist  # noqa: E402
-from fxshift.decompose.latency import LatencyTimer  # noqa: E402
-from fxshift.demo import accuracy, small_cnn, train_epochs  # noqa: E402
+from fxshift.onnx.latency import LatencyTimer  # noqa: E402
+from fxshift.models import small_cnn  # noqa: E402
+from fxshift.train.loops import accuracy, train_epochs  # noqa: E402
 from fxshift.passes.decompose_base import budget_summary  # noqa: E402
 from fxshift.report import format_table  # noqa: E402
 
@@ -137,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> str:
             "# Tucker vs CP vs spatial at one MAC budget (Fashion-MNIST)\n\n"
             f"Reproduce: `python experiments/decompose_budget.py` (seed {args.seed}; "
             f"{total / 60:.0f} minutes here).\n\n"
-            f"Small CNN (fxshift.demo.small_cnn) trained {args.epochs} epochs on {len(train)} Fashion-MNIST training "
+            f"Small CNN (fxshift.models.small_cnn) trained {args.epochs} epochs on {len(train)} Fashion-MNIST training "
             f"images (AdamW, one-cycle LR 3e-3), tested on all {len(test)} test images. Each pass gets "
             f"`rank=fxshift.Budget(macs={args.budget:g})` and chooses its own per-layer ranks; each decomposed model "
             f"is fine-tuned {args.finetune_epochs} epoch (one-cycle LR 1e-3, same data order). MACs per image at "

@@ -1,24 +1,23 @@
 """fxshift: compiler-style torch.fx passes that make networks cheaper to train and run."""
-from . import errors
+from . import context, errors
 from .checkpoint import load, save
+from .context import report_of as report
 from .costs import macs, parameter_count
 from .decompose.budget import Budget
 from .errors import ConfigError, FxshiftError, RecipeError, TraceError
-from .passes import RecomposePass, TuckerDecomposePass
-from .passes import CPDecomposePass, SpatialSVDPass
-from .passes import FreezePass, ShiftQuantizePass, freeze
-from .passes import ExportOnnxPass
-from .onnx import export_onnx
+from .nn.freeze import freeze
+from .onnx import ExportOnnxPass, export_onnx
+from .passes import CPDecomposePass, FreezePass, RecomposePass, ShiftQuantizePass, SpatialSVDPass, TuckerDecomposePass
 from .pipeline import apply
-from .report import Report, report
+from .report import Report
 from .trace import trace
 
 __version__ = "0.1.0"
 
 __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parameter_count", "TuckerDecomposePass",
            "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
-           "RecipeError", "errors", "CPDecomposePass", "SpatialSVDPass", "Budget"]
-__all__ += ["export_onnx", "ExportOnnxPass"]
+           "RecipeError", "errors", "context", "CPDecomposePass", "SpatialSVDPass", "Budget", "export_onnx",
+           "ExportOnnxPass"]
 
 
 def __getattr__(name: str):

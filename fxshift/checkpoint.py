@@ -17,7 +17,8 @@ import torch.fx as fx
 
 from .errors import RecipeError
 from .nn.base import STRUCTURES
-from .passes.layers import replace_module
+from .context import set_report
+from .graph import replace_module
 from .report import Report
 from .trace import LeafSpec, trace
 
@@ -97,6 +98,6 @@ def load(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = 
         gm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise RecipeError(f"the saved weights do not fit the rebuilt model: {exc}") from exc
-    gm.meta["fxshift_report"] = Report()
+    set_report(gm, Report())
     gm.recompile()
     return gm

@@ -6,7 +6,8 @@
 
 MODEL is ``torchvision:NAME`` (random init: no weights are downloaded) or ``module:factory`` (a
 callable returning an nn.Module; the current directory is importable). A pass is ``NAME`` or
-``NAME:key=value,key=value`` with NAME one of tucker, cp, spatial, shift, freeze, recompose; values
+``NAME:key=value,key=value`` with NAME a pass's ``cli_name`` (tucker, cp, spatial, shift, freeze,
+recompose, ...; ``fxshift compress --help`` lists them); values
 are Python literals (``rank=0.5``, ``activation_bits=(16,16)``) or plain strings (``rank=vbmf``).
 Errors are reported in one line (``--debug`` shows the traceback).
 """
@@ -23,10 +24,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["main", "build_model", "parse_pass", "PASSES"]
+__all__ = ["main", "build_model", "parse_pass", "pass_classes"]
 
-PASSES = {"tucker": "TuckerDecomposePass", "cp": "CPDecomposePass", "spatial": "SpatialSVDPass",
-          "shift": "ShiftQuantizePass", "freeze": "FreezePass", "recompose": "RecomposePass"}
+
+def pass_classes() -> dict[str, type]:
+    """Every public fxshift pass by the `cli_name` it declares, in fxshift's export order."""
+    import fxshift
+
+    found = {}
+    for name in fxshift.__all__:
+        cli_name = getattr(getattr(fxshift, name), "cli_name", None)
+        if isinstance(cli_name, str):
+            found[cli_name] = getattr(fxshift, name)
+    return found
 
 
 class CliError(Exception):
@@ -106,14 +116,12 @@ def _value(text: str) -> Any:
 
 def parse_pass(spec: str):
     """A pass object from ``NAME[:key=value,...]``."""
-    import fxshift
-
     name, _, args = spec.partition(":")
     name = name.strip().lower()
-    if name not in PASSES or not hasattr(fxshift, PASSES[name]):
-        known = ", ".join(n for n in PASSES if hasattr(fxshift, PASSES[n]))
-        raise CliError(f"--pass {spec!r}: unknown pass {name!r}; known: {known}")
-    cls = getattr(fxshift, PASSES[name])
+    known = pass_classes()
+    if name not in known:
+        raise CliError(f"--pass {spec!r}: unknown pass {name!r}; known: {', '.join(known)}")
+    cls = known[name]
     kwargs = {}
     for item in _split_top(args):
         key, eq, value = item.partition("=")
@@ -310,8 +318,8 @@ def cmd_bench(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from fxshift.latency import export_plain, interleaved_medians
-    from fxshift.onnx import plugin_available, session
+    from fxshift.onnx import export_plain, plugin_available, session
+    from fxshift.onnx.runtime import median_times
     from fxshift.report import format_table
 
     info = inspect_model(args.file)
@@ -355,7 +363,7 @@ def cmd_bench(args) -> int:
                     bar.update(1)
                 return run
 
-            medians = interleaved_medians({k: runner(s) for k, (s, _) in runtimes.items()}, rounds=args.rounds)
+            medians = median_times({k: runner(s) for k, (s, _) in runtimes.items()}, rounds=args.rounds)
             bar.close()
             base = medians.get("float")
             for name, (s, nbytes) in runtimes.items():
@@ -382,7 +390,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="apply passes to a model and export it to ONNX")
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME or module:factory")
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
-                   help="NAME[:key=value,...], NAME in " + ", ".join(PASSES) + " (repeatable, in order)")
+                   help="NAME[:key=value,...], NAME in " + ", ".join(pass_classes()) + " (repeatable, in order)")
     p.add_argument("--export", metavar="OUT.onnx", help="write the result to this ONNX file")
     p.add_argument("--target", choices=["fxshift", "portable"], default="fxshift")
     p.add_argument("--save", metavar="OUT.pt", help="also save weights + recipe (fxshift.save)")

@@ -6,10 +6,13 @@ per sample: the total for the example batch divided by its size.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from .registry import register_into
 
 MacRule = Callable[[nn.Module, torch.Tensor], int]
 
@@ -17,12 +20,8 @@ MacRule = Callable[[nn.Module, torch.Tensor], int]
 MAC_RULES: dict[type, MacRule] = {}
 
 
-def register_mac_rule(module_type: type) -> Callable[[MacRule], MacRule]:
-    def register(rule: MacRule) -> MacRule:
-        MAC_RULES[module_type] = rule
-        return rule
-
-    return register
+#: Decorator: `@register_mac_rule(MyModule)` counts MyModule's MACs with the function.
+register_mac_rule: Callable[[type], Callable[[MacRule], MacRule]] = register_into(MAC_RULES)
 
 
 @register_mac_rule(nn.Conv2d)
@@ -123,3 +122,26 @@ def state_bytes(model: nn.Module) -> int:
     """Bytes of everything the model's state_dict holds (weights, packed codes, norm statistics):
     what a deployed copy of the weights costs."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` on the meta device: shapes without data, for costing structures quickly."""
+    return copy.deepcopy(module).to(device="meta")
+
+
+def shape_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """layer_macs on the meta device: output shapes only, no arithmetic (same count)."""
+    param = next(module.parameters(), None)
+    if param is not None and param.device.type != "meta":
+        module = meta_copy(module)
+    return layer_macs(module, input_shape)
+
+
+def proxy_input_shape(module: nn.Module) -> tuple[int, ...]:
+    """An input shape to compare a layer's costs when no example inputs were given: 32 output
+    pixels a side for a conv, one row for a Linear."""
+    if isinstance(module, nn.Linear):
+        return (1, module.in_features)
+    reach = [(k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation)]
+    side = [32 * s + r for s, r in zip(module.stride, reach)]
+    return (1, module.in_channels, *side)

@@ -14,57 +14,19 @@ import argparse
 import copy
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import fxshift
 from fxshift.costs import state_bytes
 from fxshift.data import fashion_mnist
-from fxshift.latency import interleaved_medians, torch_runner
+from fxshift.models import small_cnn
+from fxshift.onnx.runtime import median_times, torch_runner
 from fxshift.report import format_table
-
-
-def small_cnn() -> nn.Module:
-    """A compact CNN for 28×28 grey images: four conv blocks and a linear classifier."""
-
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-    return nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
-                         *block(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
-
-
-def train_epochs(model: nn.Module, loader: DataLoader, epochs: int, lr: float, desc: str,
-                 make_optimizer: Optional[Callable] = None) -> None:
-    """Train with AdamW and a cosine schedule over `epochs`, a progress bar per epoch."""
-    optimizer = (make_optimizer or (lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=1e-4)))(model.parameters())
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for epoch in range(epochs):
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
-        for x, y in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
+from fxshift.train.loops import accuracy, train_epochs
 
 
 @dataclass
@@ -76,7 +38,7 @@ class Stage:
 
 def stage_table(stages: list[Stage], example: torch.Tensor) -> str:
     """Accuracy, parameters, MACs and interleaved CPU latency (batch 1) of each stage."""
-    latency = interleaved_medians({s.name: torch_runner(s.model, (example,)) for s in stages}, rounds=50)
+    latency = median_times({s.name: torch_runner(s.model, (example,)) for s in stages}, rounds=50)
     base = stages[0]
     base_macs = fxshift.macs(base.model, example)
     rows = []

@@ -2,31 +2,18 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .context import as_inputs, copy_report, has_report, set_example_inputs, set_report
 from .errors import FxshiftError
-from .report import Report, report
+from .report import Report
 from .trace import LeafSpec, trace
 
 Pass = Union[PassBase, Callable[[fx.GraphModule], Any]]
-
-_INPUTS_KEY = "fxshift_example_inputs"
-
-
-def _as_inputs(example_inputs: Any) -> Optional[tuple]:
-    if example_inputs is None:
-        return None
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def example_inputs_of(gm: fx.GraphModule) -> Optional[tuple]:
-    """The example inputs given to apply(), for passes that need shapes or calibration data."""
-    return getattr(gm, "meta", {}).get(_INPUTS_KEY)
-
 
 def pass_name(p: Pass) -> str:
     """A pass's class name, or a function's own name."""
@@ -56,15 +43,15 @@ def apply(pipeline: Union[Pass, Sequence[Pass]], model: torch.nn.Module, example
         >>> print(fxshift.report(gm))
     """
     passes = list(pipeline) if isinstance(pipeline, (list, tuple)) else [pipeline]
-    inputs = _as_inputs(example_inputs)
-    if isinstance(model, fx.GraphModule) and "fxshift_report" in getattr(model, "meta", {}):
+    inputs = as_inputs(example_inputs)
+    if isinstance(model, fx.GraphModule) and has_report(model):
         gm = copy.deepcopy(model)
-        gm.meta["fxshift_report"] = Report(list(report(model).rows))
+        copy_report(model, gm)
     else:
         gm = trace(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        gm.meta["fxshift_report"] = Report()
+        set_report(gm, Report())
     if inputs is not None:
-        gm.meta[_INPUTS_KEY] = inputs
+        set_example_inputs(gm, inputs)
     for p in passes:
         gm = run_pass(p, gm)
     return gm

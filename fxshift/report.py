@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import torch.fx as fx
 
 KEYS = ("layer", "pass", "action", "reason", "params_before", "params_after", "macs_before", "macs_after", "rank",
         "rel_error")
@@ -89,11 +88,3 @@ class Report:
         return format_table(self.to_dicts(), columns + extra)
 
     __repr__ = __str__
-
-
-def report(gm: fx.GraphModule) -> Report:
-    """The report of every pass apply() ran on `gm` (an empty one for a GraphModule fxshift did not make)."""
-    meta = getattr(gm, "meta", None)
-    if meta is None:
-        return Report()
-    return meta.setdefault("fxshift_report", Report())

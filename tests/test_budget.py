@@ -12,7 +12,7 @@ from torch import nn
 import fxshift
 from fxshift import Budget, ConfigError, CPDecomposePass, RecomposePass, SpatialSVDPass, TuckerDecomposePass
 from fxshift.decompose.budget import Candidate, LayerCandidates, allocate
-from fxshift.decompose.latency import LatencyTimer, clear_cache
+from fxshift.onnx.latency import LatencyTimer, clear_cache
 from fxshift.passes.decompose_base import budget_summary
 
 from conftest import build_torchvision, rel_error

@@ -401,7 +401,7 @@ def test_forced_isa_restores():
 
 def test_missing_library_raises_native_error_with_build_hint(monkeypatch):
     saved = dict(native._state)
-    monkeypatch.setattr(native, "_candidates", lambda stem: [Path("/nonexistent/libfxshift.so")])
+    monkeypatch.setattr(native, "candidates", lambda stem: [Path("/nonexistent/libfxshift.so")])
     native._state.pop("cpu", None)
     try:
         with pytest.raises(NativeError, match="cmake -S . -B build/dev"):
@@ -414,8 +414,10 @@ def test_missing_library_raises_native_error_with_build_hint(monkeypatch):
 
 def test_search_order_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FXSHIFT_NATIVE_DIR", str(tmp_path))
-    cands = native._candidates("fxshift")
-    assert cands[0] == tmp_path / native._lib_filename("fxshift")
+    from fxshift.ops import libraries
+
+    cands = libraries.candidates("fxshift")
+    assert cands[0] == tmp_path / libraries.library_filename("fxshift")
     assert any(p.parent.name == "_native" for p in cands[1:3])
 
 

@@ -211,7 +211,7 @@ def test_export_onnx_pass_as_last_pipeline_step(tmp_path):
     path = tmp_path / "sub" / "pipeline.onnx"
     gm = fxshift.apply([ShiftQuantizePass(weight_bits=4), ExportOnnxPass(path, metadata={"note": "x"})],
                        small_net(), x)
-    assert gm.meta["fxshift_onnx_path"] == path and path.is_file()
+    assert fxshift.context.onnx_path_of(gm) == path and path.is_file()
     model = onnx.load(str(path))
     assert any(n.domain == DOMAIN for n in model.graph.node)
     assert {p.key: p.value for p in model.metadata_props}["note"] == "x"
@@ -283,7 +283,7 @@ def test_function_body_rejects_a_wrong_word_count():
 def test_resnet18_5bit_file_is_at_most_a_fifth_of_float(tmp_path):
     _native_or_skip()
     from conftest import build_torchvision
-    from fxshift.latency import export_plain
+    from fxshift.onnx import export_plain
 
     model = build_torchvision("resnet18")
     x = torch.randn(1, 3, 32, 32)

@@ -12,6 +12,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from ..registry import register_into
+
 RecomposeRule = Callable[[nn.Module], nn.Module]
 
 #: module type -> function folding such a module back into the original layer type.
@@ -21,14 +23,8 @@ RECOMPOSE_RULES: dict[type, RecomposeRule] = {}
 STRUCTURES: dict[str, type] = {}
 
 
-def register_recompose_rule(module_type: type) -> Callable[[RecomposeRule], RecomposeRule]:
-    """Decorator: `@register_recompose_rule(MyChain)` makes RecomposePass fold MyChain with the function."""
-
-    def register(rule: RecomposeRule) -> RecomposeRule:
-        RECOMPOSE_RULES[module_type] = rule
-        return rule
-
-    return register
+#: Decorator: `@register_recompose_rule(MyChain)` makes RecomposePass fold MyChain with the function.
+register_recompose_rule: Callable[[type], Callable[[RecomposeRule], RecomposeRule]] = register_into(RECOMPOSE_RULES)
 
 
 def register_structure(module_type: type) -> type:

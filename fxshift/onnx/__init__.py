@@ -3,21 +3,15 @@
 - :func:`export_onnx` (also :class:`ExportOnnxPass` as the last pass of a pipeline) writes a
   model whose frozen shift layers are ``fxshift.ShiftConv2d`` / ``fxshift.ShiftLinear`` nodes,
   each op carried as a model-local function of standard ops too (see :mod:`.functions`).
-- :func:`library_path`, :func:`session_options`, :func:`session` register libfxshift_ort, the
-  onnxruntime custom-op library over fxshift's native kernels.
+- :mod:`.runtime` is the one place that builds onnxruntime sessions (:func:`session`,
+  :func:`session_options`; libfxshift_ort, the custom-op library over fxshift's native kernels,
+  registered) and times them; :mod:`.latency` measures layers and models for Budget(latency).
 """
-from .export import ExportError, export_onnx, to_model_proto
+from .export import ExportError, export_onnx, export_plain, to_model_proto
+from .export_pass import ExportOnnxPass
 from .functions import DOMAIN, register_schemas
 from .runtime import PluginNotFound, compare_in_onnxruntime, library_path, plugin_available, session, session_options
 
-__all__ = ["export_onnx", "to_model_proto", "ExportOnnxPass", "ExportError", "DOMAIN", "register_schemas",
-           "library_path", "plugin_available", "session_options", "session", "compare_in_onnxruntime",
-           "PluginNotFound"]
-
-
-def __getattr__(name: str):
-    if name == "ExportOnnxPass":  # lazy: fxshift.passes imports this package's siblings
-        from ..passes.export import ExportOnnxPass
-
-        return ExportOnnxPass
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["export_onnx", "export_plain", "to_model_proto", "ExportOnnxPass", "ExportError", "DOMAIN",
+           "register_schemas", "library_path", "plugin_available", "session_options", "session",
+           "compare_in_onnxruntime", "PluginNotFound"]

@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import FxshiftError
+from ..nn.freeze import freeze
+from ..nn.shift import SHIFT_LAYERS
 from . import functions
 
-__all__ = ["export_onnx", "to_model_proto", "inline_functions", "TARGETS", "ExportError"]
+__all__ = ["export_onnx", "export_plain", "to_model_proto", "inline_functions", "TARGETS", "ExportError"]
 
 TARGETS = ("fxshift", "portable")
 
@@ -89,11 +91,7 @@ def _as_tuple(example_inputs: Any) -> tuple:
 
 def _frozen(model: nn.Module) -> nn.Module:
     """The model with trained shift layers replaced by their packed form (fxshift.freeze), else itself."""
-    from ..nn.shift import SHIFT_LAYERS
-
     if any(isinstance(m, SHIFT_LAYERS) for m in model.modules()):
-        from ..passes.freeze import freeze
-
         return freeze(model)
     return model
 
@@ -237,3 +235,33 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: Union[str, os.PathLike
                            metadata=metadata)
     _save(proto, path)
     return path
+
+
+def export_plain(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                 path: Union[str, os.PathLike, None] = None, *, dynamic_batch: bool = True) -> bytes:
+    """A model of standard ops only (the TorchScript exporter: fast, for timing studies and float
+    baselines), written to `path` when given; returns the serialized model. Falls back to the
+    dynamo exporter where the TorchScript one is gone. The model is exported in eval mode and left
+    in the mode it was in."""
+    import tempfile
+
+    names = [f"input{i}" for i in range(len(example_inputs))]
+    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            target = Path(path) if path is not None else Path(folder) / "model.onnx"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    torch.onnx.export(model, tuple(example_inputs), os.fspath(target), dynamo=False, input_names=names,
+                                      output_names=["output"], dynamic_axes=axes, opset_version=17)
+                except Exception:  # the legacy exporter may be gone in a later torch
+                    torch.onnx.export(model, tuple(example_inputs), os.fspath(target), input_names=names,
+                                      output_names=["output"], external_data=False)
+            return target.read_bytes()
+    finally:
+        model.train(was_training)
+

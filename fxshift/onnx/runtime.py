@@ -1,23 +1,26 @@
-"""onnxruntime with fxshift's custom-op library (libfxshift_ort, built from native/ort).
+"""The one place that builds onnxruntime sessions: session options, registration of fxshift's
+custom-op library (libfxshift_ort, built from native/ort; found by fxshift.ops.libraries), and the
+timing helpers every benchmark, the CLI and Budget(latency=...) use.
 
-The library is looked up like libfxshift (fxshift.ops.native), in order:
-  1. ``$FXSHIFT_NATIVE_DIR``,
-  2. ``<fxshift package>/_native`` (wheels),
-  3. ``<platlib>/fxshift/_native`` (scikit-build-core editable installs),
-  4. ``<repo>/build/**/`` (a development build, newest first; sanitizer builds are skipped).
+Sessions never let their worker threads spin between runs (``allow_spinning=0``): a spinning pool
+steals the core from everything else on a shared machine and turns ratios into a lottery (on a
+busy 2-core machine resnet18 read 880 ms with spinning and 41 ms without). Timings are medians of
+round-robin runs, so every candidate sees the same background load.
 """
 from __future__ import annotations
 
 import os
-import sys
-import sysconfig
+import statistics
+import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from ..errors import NativeError
+from ..ops.libraries import find_library, library_filename
+from .export import _as_tuple, export_onnx, export_plain
 
 __all__ = ["library_path", "plugin_available", "session_options", "session", "compare_in_onnxruntime", "PluginNotFound",
-           "BUILD_HINT"]
+           "BUILD_HINT", "default_threads", "session_runner", "torch_runner", "median_times"]
 
 BUILD_HINT = ("build it with `bash scripts/fetch_ort_headers.sh && pip install -e .` (or `cmake -S . -B build/dev "
               "-G Ninja && cmake --build build/dev`); CMake says why it skipped the plugin when onnxruntime's "
@@ -28,32 +31,12 @@ class PluginNotFound(NativeError):
     """libfxshift_ort was not found (the message lists where it was looked for and how to build it)."""
 
 
-def _lib_filename() -> str:
-    if sys.platform == "darwin":
-        return "libfxshift_ort.dylib"
-    if sys.platform == "win32":
-        return "fxshift_ort.dll"
-    return "libfxshift_ort.so"
-
-
-def _candidates() -> list[Path]:
-    name = _lib_filename()
-    pkg = Path(__file__).resolve().parent.parent
-    out: list[Path] = []
-    env = os.environ.get("FXSHIFT_NATIVE_DIR")
-    if env:
-        out.append(Path(env) / name)
-    out.append(pkg / "_native" / name)
+def default_threads() -> int:
+    """The CPUs this process may run on."""
     try:
-        out.append(Path(sysconfig.get_paths()["platlib"]) / "fxshift" / "_native" / name)
-    except KeyError:  # pragma: no cover - exotic interpreters
-        pass
-    build = pkg.parent / "build"
-    if build.is_dir():
-        found = [p for p in build.glob(f"**/{name}")
-                 if not any("sanitize" in part or "asan" in part for part in p.relative_to(build).parts)]
-        out.extend(sorted(found, key=lambda p: p.stat().st_mtime, reverse=True))
-    return out
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def library_path(required: bool = True) -> Optional[Path]:
@@ -61,14 +44,10 @@ def library_path(required: bool = True) -> Optional[Path]:
 
     Raises :class:`PluginNotFound` (or returns None with ``required=False``) when it was not built.
     """
-    tried = []
-    for path in _candidates():
-        if path.is_file():
-            return path
-        tried.append(str(path))
-    if not required:
-        return None
-    raise PluginNotFound(f"fxshift's onnxruntime plugin ({_lib_filename()}) was not found; {BUILD_HINT}. "
+    path, tried = find_library("fxshift_ort")
+    if path is not None or not required:
+        return path
+    raise PluginNotFound(f"fxshift's onnxruntime plugin ({library_filename('fxshift_ort')}) was not found; {BUILD_HINT}. "
                          f"Looked in: {'; '.join(tried)}")
 
 
@@ -77,31 +56,24 @@ def plugin_available() -> bool:
     return library_path(required=False) is not None
 
 
-def session_options(options: Any = None, *, threads: Optional[int] = None, optimization: str = "all"):
-    """``onnxruntime.SessionOptions`` with libfxshift_ort registered (fxshift-domain ops on native kernels).
+def session_options(options: Any = None, *, plugin: bool = True, threads: Optional[int] = None,
+                    optimization: str = "all", spinning: bool = False):
+    """``onnxruntime.SessionOptions`` as fxshift runs every session, libfxshift_ort registered.
 
     Parameters
     ----------
     options : onnxruntime.SessionOptions, optional
-        Options to register the plugin into (changed in place); new ones when None.
+        Options to configure (changed in place); new ones when None.
+    plugin : bool
+        Register libfxshift_ort (fxshift-domain ops on native kernels); raises PluginNotFound
+        when it was not built.
     threads : int, optional
-        intra-op threads (onnxruntime's default when None).
+        intra-op threads (default: the CPUs this process may use).
     optimization : {"all", "extended", "basic", "none"}
         onnxruntime's graph optimisation level.
+    spinning : bool
+        Let worker threads spin between runs (off by default: see the module docstring).
     """
-    import onnxruntime as ort
-
-    so = options if options is not None else ort.SessionOptions()
-    path = library_path()
-    try:
-        so.register_custom_ops_library(os.fspath(path))
-    except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
-        raise NativeError(f"onnxruntime could not load {path}: {exc}") from exc
-    _configure(so, threads, optimization)
-    return so
-
-
-def _configure(so, threads: Optional[int], optimization: str) -> None:
     import onnxruntime as ort
 
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -110,13 +82,24 @@ def _configure(so, threads: Optional[int], optimization: str) -> None:
               "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     if optimization not in levels:
         raise ValueError(f"optimization must be one of {sorted(levels)}, got {optimization!r}")
+    so = options if options is not None else ort.SessionOptions()
+    if plugin:
+        path = library_path()
+        try:
+            so.register_custom_ops_library(os.fspath(path))
+        except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
+            raise NativeError(f"onnxruntime could not load {path}: {exc}") from exc
     so.graph_optimization_level = levels[optimization]
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
+    so.intra_op_num_threads = int(threads or default_threads())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return so
 
 
 def session(path: Union[str, os.PathLike, bytes], *, plugin: bool = True, threads: Optional[int] = None,
-            optimization: str = "all", options: Any = None, providers: Optional[list] = None):
+            optimization: str = "all", spinning: bool = False, options: Any = None,
+            providers: Optional[list] = None):
     """An ``onnxruntime.InferenceSession`` of ``path`` (a file or serialized model bytes).
 
     Parameters
@@ -124,20 +107,56 @@ def session(path: Union[str, os.PathLike, bytes], *, plugin: bool = True, thread
     plugin : bool
         Register libfxshift_ort (default). With False, fxshift-domain nodes run through the
         function bodies the exported file carries (standard ops; stock onnxruntime).
-    threads, optimization, options
+    threads, optimization, spinning, options
         As for :func:`session_options`.
     providers : list, optional
         Execution providers (default: CPU; the plugin's kernels are CPU kernels).
     """
     import onnxruntime as ort
 
-    if plugin:
-        so = session_options(options, threads=threads, optimization=optimization)
-    else:
-        so = options if options is not None else ort.SessionOptions()
-        _configure(so, threads, optimization)
+    so = session_options(options, plugin=plugin, threads=threads, optimization=optimization, spinning=spinning)
     model = path if isinstance(path, bytes) else os.fspath(path)
     return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+
+
+def session_runner(sess, inputs: Sequence[Any]) -> Callable[[], Any]:
+    """A no-argument callable running `sess` on `inputs` (tensors or numpy arrays)."""
+    arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs]
+    feeds = {i.name: x for i, x in zip(sess.get_inputs(), arrays)}
+    return lambda: sess.run(None, feeds)
+
+
+def torch_runner(model, inputs: Sequence[Any]) -> Callable[[], Any]:
+    """A no-argument callable running `model` on `inputs` in inference mode."""
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            return model(*inputs)
+
+    return run
+
+
+def median_times(runners: Mapping[str, Callable[[], Any]], rounds: int = 5, min_time: float = 0.0,
+                 max_rounds: int = 200, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each runner, timed round-robin (each sees the same machine noise):
+    at least `rounds` rounds, more (up to `max_rounds`) until every runner has had `min_time`
+    seconds on average."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    spent = 0.0
+    done = 0
+    while done < max_rounds and (done < rounds or spent < min_time * len(runners)):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            samples[name].append(elapsed)
+            spent += elapsed
+        done += 1
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _numpy_inputs(session_, inputs) -> dict:
@@ -173,12 +192,7 @@ def compare_in_onnxruntime(gm, example_inputs, path: Union[str, os.PathLike], *,
     >>> r = fxshift.onnx.compare_in_onnxruntime(frozen, example, "model.onnx", baseline=float_model)
     >>> print(r["rel_error"], r["latency_ms"])
     """
-    from pathlib import Path as _Path
-
     import torch
-
-    from ..latency import export_plain, interleaved_medians, session_runner, torch_runner
-    from .export import _as_tuple, export_onnx
 
     inputs = _as_tuple(example_inputs)
     path = export_onnx(gm, inputs, path)
@@ -196,7 +210,7 @@ def compare_in_onnxruntime(gm, example_inputs, path: Union[str, os.PathLike], *,
     if have_plugin:
         sessions["plugin"] = session(path, plugin=True, threads=threads)
     sessions["functions"] = session(path, plugin=False, threads=threads)
-    result: dict[str, Any] = {"path": str(path), "bytes": _Path(path).stat().st_size, "float_bytes": None,
+    result: dict[str, Any] = {"path": str(path), "bytes": Path(path).stat().st_size, "float_bytes": None,
                               "plugin": have_plugin, "max_abs_error": {}, "rel_error": {}, "latency_ms": {}}
     for name, s in sessions.items():
         out = s.run(None, _numpy_inputs(s, inputs))[0]
@@ -208,9 +222,9 @@ def compare_in_onnxruntime(gm, example_inputs, path: Union[str, os.PathLike], *,
         runners = {"torch": torch_runner(gm.eval(), inputs)}
         runners.update({name: session_runner(s, inputs) for name, s in sessions.items()})
         if baseline is not None:
-            float_path = _Path(path).with_suffix(".float.onnx")
+            float_path = Path(path).with_suffix(".float.onnx")
             export_plain(baseline, inputs, float_path)
             result["float_bytes"] = float_path.stat().st_size
             runners["float"] = session_runner(session(float_path, plugin=False, threads=threads), inputs)
-        result["latency_ms"] = {k: 1e3 * v for k, v in interleaved_medians(runners, rounds=rounds).items()}
+        result["latency_ms"] = {k: 1e3 * v for k, v in median_times(runners, rounds=rounds).items()}
     return result

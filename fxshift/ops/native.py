@@ -1,11 +1,7 @@
 """cffi (ABI mode) loader and torch wrappers of the native shift kernels (libfxshift).
 
-The library is found, in order, in
-  1. ``$FXSHIFT_NATIVE_DIR``,
-  2. ``<fxshift package>/_native`` (wheels),
-  3. ``<platlib>/fxshift/_native`` (scikit-build-core editable installs),
-  4. ``<repo>/build/**/`` (a development build: ``cmake -S . -B build/dev``),
-and loaded lazily, once.  Every wrapper takes torch tensors (contiguous, CPU;
+The library is found where fxshift.ops.libraries looks (``$FXSHIFT_NATIVE_DIR`` first) and
+loaded lazily, once.  Every wrapper takes torch tensors (contiguous, CPU;
 float32 activations or int32 fixed-point ones, int32 packed words), allocates
 the output, and calls the C kernel with the GIL released.  Argument problems
 raise :class:`NativeArgumentError` (a :class:`~fxshift.errors.NativeError` and
@@ -18,9 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
-import sys
-import sysconfig
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -28,6 +21,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..errors import NativeError
+from .libraries import candidates, library_filename
 
 __all__ = [
     "NativeArgumentError",
@@ -127,35 +121,6 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _lib_filename(stem: str) -> str:
-    if sys.platform == "darwin":
-        return f"lib{stem}.dylib"
-    if sys.platform == "win32":
-        return f"{stem}.dll"
-    return f"lib{stem}.so"
-
-
-def _candidates(stem: str) -> list[Path]:
-    name = _lib_filename(stem)
-    pkg = Path(__file__).resolve().parent.parent
-    out: list[Path] = []
-    env = os.environ.get("FXSHIFT_NATIVE_DIR")
-    if env:
-        out.append(Path(env) / name)
-    out.append(pkg / "_native" / name)
-    try:
-        out.append(Path(sysconfig.get_paths()["platlib"]) / "fxshift" / "_native" / name)
-    except KeyError:  # pragma: no cover - exotic interpreters
-        pass
-    build = pkg.parent / "build"
-    if build.is_dir():
-        # Newest development build first; sanitizer builds need LD_PRELOAD, skip them.
-        found = [p for p in build.glob(f"**/{name}")
-                 if not any("sanitize" in part for part in p.relative_to(build).parts)]
-        out.extend(sorted(found, key=lambda p: p.stat().st_mtime, reverse=True))
-    return out
-
-
 def _ffi():
     ffi = _state.get("ffi")
     if ffi is None:
@@ -173,7 +138,7 @@ def _open(stem: str):
     """Returns (ffi, lib, path) for the first loadable candidate, or (ffi, None, [tried])."""
     ffi = _ffi()
     tried = []
-    for path in _candidates(stem):
+    for path in candidates(stem):
         if not path.is_file():
             tried.append(str(path))
             continue
@@ -195,7 +160,7 @@ def load():
             return st
         ffi, lib, where = _open("fxshift")
         if lib is None:
-            raise NativeError("fxshift's native library (" + _lib_filename("fxshift") + ") was not found; "
+            raise NativeError("fxshift's native library (" + library_filename("fxshift") + ") was not found; "
                               + BUILD_HINT + ". Looked in: " + "; ".join(where))
         version = lib.fxs_abi_version()
         if version != ABI_VERSION:

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..nn.cp import CPConv2d
 from ..nn.low_rank_linear import LowRankLinear
 from .decompose_base import Decision, DecompositionPass, linear_candidates, linear_decision
-from .layers import Selector
+from ..graph import Selector
 
 #: Ranks tried by "energy:τ", as fractions of the break-even rank, smallest first.
 ENERGY_LADDER = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -59,6 +59,8 @@ class CPDecomposePass(DecompositionPass):
     Grouped and depthwise convs, and convs whose padding mode is not zeros, are left alone with
     the reason in the report (the chain would mix groups / is exact only with zero padding).
     """
+
+    cli_name = "cp"
 
     layer_types = (nn.Conv2d, nn.Linear)
 

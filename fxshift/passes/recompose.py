@@ -6,11 +6,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from torch import nn
 
+from ..context import report_of
 from ..costs import parameter_count
 from ..errors import FxshiftError
 from ..nn.base import RECOMPOSE_RULES
-from ..report import ReportRow, report
-from .layers import replace_module
+from ..report import ReportRow
+from ..graph import replace_module
 
 
 class RecomposePass(PassBase):
@@ -22,8 +23,10 @@ class RecomposePass(PassBase):
     automatically through their `recompose` method). Nested chains are folded innermost first.
     """
 
+    cli_name = "recompose"
+
     def call(self, gm: fx.GraphModule) -> PassResult:
-        rows = report(gm)
+        rows = report_of(gm)
         modified = False
         chains = [name for name, module in gm.named_modules() if name and type(module) in RECOMPOSE_RULES]
         for name in sorted(chains, key=lambda n: n.count("."), reverse=True):

@@ -8,14 +8,14 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..context import example_inputs_of, report_of
 from ..costs import input_shapes, layer_macs, parameter_count
 from ..errors import ConfigError
 from ..nn.frozen_shift import packed_bytes, packing_width
 from ..nn.shift import (ActivationBits, check_activation_bits, check_mode, check_rounding, check_weight_bits,
                         shift_layer_from)
-from ..pipeline import example_inputs_of
-from ..report import ReportRow, report
-from .layers import LayerFilter, Selector, candidate_layers, replace_module
+from ..report import ReportRow
+from ..graph import LayerFilter, Selector, candidate_layers, replace_module
 
 
 class ShiftQuantizePass(PassBase):
@@ -43,6 +43,8 @@ class ShiftQuantizePass(PassBase):
         >>> deployed = fxshift.freeze(gm)
     """
 
+    cli_name = "shift"
+
     layer_types = (nn.Conv2d, nn.Linear)
 
     def __init__(self, mode: str = "q", weight_bits: int = 5, activation_bits: ActivationBits = None,
@@ -60,7 +62,7 @@ class ShiftQuantizePass(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         inputs = example_inputs_of(gm)
         shapes = input_shapes(gm, inputs) if inputs is not None else {}
-        rows = report(gm)
+        rows = report_of(gm)
         modified = False
         for name, module in list(candidate_layers(gm, self.layer_types, self.filter, inside_fxshift=True)):
             row = self.visit(gm, name, module, shapes.get(name))

@@ -13,7 +13,7 @@ from ..decompose.tucker import relative_error
 from ..nn.spatial import SpatialConv2d
 from ..nn.low_rank_linear import LowRankLinear
 from .decompose_base import Decision, DecompositionPass, linear_candidates, linear_decision
-from .layers import Selector
+from ..graph import Selector
 
 
 def spatial_matrices(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -49,6 +49,8 @@ class SpatialSVDPass(DecompositionPass):
     Convs with a padding mode other than zeros are left alone (the chain is exact only with zero
     padding); the report says why.
     """
+
+    cli_name = "spatial"
 
     layer_types = (nn.Conv2d, nn.Linear)
 

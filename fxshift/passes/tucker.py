@@ -12,7 +12,7 @@ from ..decompose.tucker import mode_unfolding, relative_error, tucker1, tucker2,
 from ..nn.low_rank_linear import LowRankLinear
 from ..nn.tucker import TuckerConv2d
 from .decompose_base import Decision, DecompositionPass, linear_candidates, linear_decision
-from .layers import Selector
+from ..graph import Selector
 
 
 class TuckerDecomposePass(DecompositionPass):
@@ -32,6 +32,8 @@ class TuckerDecomposePass(DecompositionPass):
 
     Grouped and depthwise convs are left as they are; the report says why.
     """
+
+    cli_name = "tucker"
 
     layer_types = (nn.Conv2d, nn.Linear)
 

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..context import synced_planning
 from ..errors import FxshiftError
 from ..pipeline import Pass, apply
 from .optim import unwrap_model
@@ -111,20 +112,23 @@ def apply_synced(pipeline: Pass | Sequence[Pass], model: nn.Module, example_inpu
         process_group: the group whose ranks must agree (default: the default group).
         src: the global rank whose weights every rank takes (default: the group's first rank).
 
-    Outside a process group (or in one of a single rank) this is fxshift.apply.
+    Outside a process group (or in one of a single rank) this is fxshift.apply. Inside one, a
+    pass given a Budget plans on rank `src` alone (its latency timings included) and every rank
+    receives that plan, so measurement noise cannot make the ranks choose differently.
 
     Raises:
         FxshiftError on every rank when the ranks' structures differ (naming the first
         difference), for example when a value-dependent rank rule chose different ranks.
     """
     base = unwrap_model(model)
-    gm = apply(pipeline, base, example_inputs, **apply_kwargs)
     if not is_distributed(process_group):
-        return gm
+        return apply(pipeline, base, example_inputs, **apply_kwargs)
+    source = _source_rank(src, process_group)
+    with synced_planning(process_group, source):  # Budget plans are made on `source` and broadcast
+        gm = apply(pipeline, base, example_inputs, **apply_kwargs)
     mine = structure_fingerprint(gm)
     everyone: list[Any] = [None] * dist.get_world_size(process_group)
     dist.all_gather_object(everyone, mine, group=process_group)
-    source = _source_rank(src, process_group)
     group_src = dist.get_group_rank(process_group, source) if process_group is not None else source
     reference = everyone[group_src]
     for rank, theirs in enumerate(everyone):
@@ -133,7 +137,8 @@ def apply_synced(pipeline: Pass | Sequence[Pass], model: nn.Module, example_inpu
                 f"the pipeline built different structures on ranks {group_src} and {rank} of the process group "
                 f"(first difference: {_first_difference(reference, theirs)}); the ranks must hold the same weights "
                 "before the switch, and value-dependent ranks ('vbmf', 'energy:…') can differ across hardware: "
-                "give fixed ranks (a fraction, an int or a dict by layer) instead")
+                "give fixed ranks (a fraction, an int or a dict by layer) instead. (A Budget's plan is already "
+                f"made on rank {source} alone and broadcast, so a difference here comes from a per-layer rule.)")
     broadcast_state(gm, source, process_group)
     return gm
 

@@ -1,4 +1,4 @@
-"""ExportOnnxPass: export the pipeline's result to ONNX (fxshift.onnx.export_onnx) as its last step."""
+"""ExportOnnxPass: export the pipeline's result to ONNX (fxshift.export_onnx) as its last step."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,9 @@ from typing import Any, Optional, Union
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..context import example_inputs_of, set_onnx_path
 from ..errors import ConfigError
-from ..pipeline import example_inputs_of
+from .export import TARGETS, export_onnx
 
 
 class ExportOnnxPass(PassBase):
@@ -20,7 +21,7 @@ class ExportOnnxPass(PassBase):
         example_inputs: inputs to trace with; default: the example inputs given to ``fxshift.apply``.
         target, dynamic_batch, opset, freeze, metadata: as for :func:`fxshift.export_onnx`.
 
-    After the pass ``gm.meta["fxshift_onnx_path"]`` holds the path written.
+    After the pass ``fxshift.context.onnx_path_of(gm)`` gives the path written.
 
     Example:
         >>> gm = fxshift.apply([TuckerDecomposePass(rank=0.5), ShiftQuantizePass(weight_bits=5),
@@ -30,8 +31,6 @@ class ExportOnnxPass(PassBase):
     def __init__(self, path: Union[str, os.PathLike], example_inputs: Any = None, *, target: str = "fxshift",
                  dynamic_batch: bool = True, opset: Optional[int] = None, freeze: bool = True,
                  metadata: Optional[dict] = None):
-        from ..onnx.export import TARGETS
-
         if target not in TARGETS:
             raise ConfigError(f"ExportOnnxPass: target must be one of {TARGETS}, got {target!r}")
         self.path = Path(path)
@@ -40,8 +39,6 @@ class ExportOnnxPass(PassBase):
         self.metadata = metadata
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        from ..onnx.export import export_onnx
-
         inputs = self.example_inputs if self.example_inputs is not None else example_inputs_of(gm)
         if inputs is None:
             raise ConfigError("ExportOnnxPass needs example inputs: give them to fxshift.apply(pipeline, model, x) "
@@ -52,5 +49,5 @@ class ExportOnnxPass(PassBase):
                                   opset=self.opset, freeze=self.freeze, metadata=self.metadata)
         finally:
             gm.train(was_training)
-        gm.meta["fxshift_onnx_path"] = written
+        set_onnx_path(gm, written)
         return PassResult(gm, False)

@@ -1,4 +1,5 @@
-"""Finding and swapping the layers a pass works on, by name pattern or module type."""
+"""Graph helpers every pass and checkpoint.py share: choosing layers by name pattern or module
+type, and swapping a submodule in place."""
 from __future__ import annotations
 
 import fnmatch
@@ -7,8 +8,8 @@ from typing import Iterable, Iterator, Optional, Union
 import torch.fx as fx
 from torch import nn
 
-from ..errors import ConfigError
-from ..trace import is_fxshift_module
+from .errors import ConfigError
+from .trace import is_fxshift_module
 
 Selector = Union[None, str, type, Iterable[Union[str, type]]]
 

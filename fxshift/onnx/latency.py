@@ -12,30 +12,21 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import tempfile
 import threading
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LatencyTimer", "layer_key", "layer_onnx", "model_onnx", "time_session", "default_threads", "clear_cache"]
+from .export import export_plain
+from .runtime import default_threads, median_times, session, session_runner
+
+__all__ = ["LatencyTimer", "layer_key", "layer_onnx", "model_onnx", "clear_cache"]
 
 _MEMORY: dict[str, float] = {}
 _LOCK = threading.Lock()
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _describe(module: nn.Module) -> Any:
@@ -133,65 +124,8 @@ def layer_onnx(module: nn.Module, input_shape: Sequence[int]) -> bytes:
 
 
 def model_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> bytes:
-    """A serialized ONNX model of `model` (the TorchScript exporter, standard ops only; the dynamo
-    exporter when that one is unavailable)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            names = [f"input{i}" for i in range(len(example_inputs))]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    torch.onnx.export(model, tuple(example_inputs), str(path), dynamo=False, input_names=names,
-                                      output_names=["output"], opset_version=17)
-                except Exception:  # the legacy exporter may be gone in a later torch
-                    torch.onnx.export(model, tuple(example_inputs), str(path), input_names=names,
-                                      output_names=["output"], external_data=False)
-            return path.read_bytes()
-    finally:
-        model.train(was_training)
-
-
-def _session(onnx_bytes: bytes, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    # Spinning worker threads turn every busy core into a timing lottery: on a shared 2-core
-    # machine resnet18 read 880 ms with spinning and 41 ms without. Measure without it.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def _runner(session, inputs: Sequence[np.ndarray]) -> Callable[[], Any]:
-    feeds = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
-    return lambda: session.run(None, feeds)
-
-
-def time_session(runners: dict[str, Callable[[], Any]], min_time: float = 0.1, min_runs: int = 5,
-                 max_runs: int = 200, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each runner, timed round-robin (each sees the same machine noise),
-    repeated until every runner has `min_runs` samples and `min_time` seconds in all."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    spent = 0.0
-    rounds = 0
-    while rounds < max_runs and (rounds < min_runs or spent < min_time * len(runners)):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            elapsed = time.perf_counter() - start
-            samples[name].append(elapsed)
-            spent += elapsed
-        rounds += 1
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """A serialized ONNX model of `model` at the example inputs' shapes (standard ops only)."""
+    return export_plain(model, example_inputs, dynamic_batch=False)
 
 
 class LatencyTimer:
@@ -217,6 +151,10 @@ class LatencyTimer:
             except (OSError, ValueError):
                 pass  # an unreadable cache is rebuilt
 
+    def session(self, onnx_bytes: bytes):
+        """A plain (no plugin) onnxruntime session of `onnx_bytes` with this timer's threads."""
+        return session(onnx_bytes, plugin=False, threads=self.threads)
+
     def layer(self, module: nn.Module, input_shape: Sequence[int]) -> float:
         """Median seconds of one call of `module` on an input of `input_shape` (cached)."""
         return self.layers([module], input_shape)[0]
@@ -233,8 +171,8 @@ class LatencyTimer:
         runners = {}
         for key, module in zip(keys, modules):
             if key not in runners:
-                runners[key] = _runner(_session(layer_onnx(module, input_shape), self.threads), [x])
-        medians = time_session(runners, min_time=self.min_time)
+                runners[key] = session_runner(self.session(layer_onnx(module, input_shape)), [x])
+        medians = median_times(runners, min_time=self.min_time)
         self.measured += len(runners)
         with _LOCK:
             _MEMORY.update(medians)
@@ -247,8 +185,8 @@ class LatencyTimer:
         runners = {}
         for name, model in models.items():
             onnx_bytes = model if isinstance(model, bytes) else model_onnx(model, example_inputs)
-            runners[name] = _runner(_session(onnx_bytes, self.threads), arrays)
-        return time_session(runners, min_time=min_time if min_time is not None else 3 * self.min_time)
+            runners[name] = session_runner(self.session(onnx_bytes), arrays)
+        return median_times(runners, min_time=min_time if min_time is not None else 3 * self.min_time)
 
     def save(self) -> None:
         """Write the cache file (when one was given)."""
