@@ -64,16 +64,31 @@ def _measuring(model: nn.Module):
             m.training = training
 
 
+def _unbatched(module: nn.Module, args: tuple) -> bool:
+    """Whether a counted layer was called on one unbatched sample: a convolution on an input without
+    the batch dimension ((C, H, W) for Conv2d), a linear layer on a vector."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is None:
+        return False
+    kernel_size = getattr(module, "kernel_size", None)
+    spatial_dims = len(kernel_size) if isinstance(kernel_size, tuple) else 0
+    return x.ndim == spatial_dims + 1
+
+
 @torch.no_grad()
 def macs(model: nn.Module, example_inputs: Any) -> int:
-    """MACs per sample of one forward pass on `example_inputs` (batch = first input's size 0)."""
+    """MACs per sample of one forward pass on `example_inputs` (batch = first input's size 0, or 1
+    when the first counted layer sees an unbatched input, e.g. a (C, H, W) image)."""
     inputs = _as_tuple(example_inputs)
     total = 0
+    first_unbatched: bool | None = None
 
-    def hook(module: nn.Module, _args: Any, output: Any) -> None:
-        nonlocal total
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        nonlocal total, first_unbatched
         rule = _rule_for(module)
         if rule is not None and isinstance(output, torch.Tensor):
+            if first_unbatched is None:
+                first_unbatched = _unbatched(module, args)
             total += rule(module, output) * output.shape[0] if output.ndim > 1 else rule(module, output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _rule_for(m) is not None]
@@ -83,7 +98,8 @@ def macs(model: nn.Module, example_inputs: Any) -> int:
     finally:
         for h in handles:
             h.remove()
-    batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 1 else 1
+    batched = inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 1 and not first_unbatched
+    batch = inputs[0].shape[0] if batched else 1
     return total // max(batch, 1)
 
 

@@ -149,6 +149,24 @@ def test_energy_rank_keeps_the_requested_energy():
     assert 1 - row["rel_error"] ** 2 >= 0.5
 
 
+@pytest.mark.parametrize("seed", [2, 3, 4])
+@pytest.mark.parametrize("tau", [0.995, 0.997, 0.998])
+def test_energy_rank_keeps_tau_on_a_structured_kernel(seed, tau):
+    # Components of geometrically falling weight: a fresh final ALS run used to land above the
+    # probe that chose the rank (τ=0.997 kept 0.9937); the final run now starts from the probe.
+    g = torch.Generator().manual_seed(seed)
+    a, b, c, d = (torch.randn(n, 40, generator=g) for n in (24, 16, 3, 3))
+    weight = torch.einsum("tr,sr,ir,jr->tsij", a * 0.85 ** torch.arange(40.0), b, c, d)
+    layer = conv(16, 24, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    gm = fxshift.apply([CPDecomposePass(rank=f"energy:{tau}", only_if_cheaper=False)], nn.Sequential(layer))
+    row = fxshift.report(gm).to_dicts()[0]
+    assert row["action"] == "decomposed"
+    assert 1 - row["rel_error"] ** 2 >= tau - 1e-9
+    assert rel_error(cp_kernel(gm.get_submodule("0").factors()), weight) == pytest.approx(row["rel_error"], rel=1e-3)
+
+
 def test_skips_grouped_depthwise_and_non_zero_padding_with_reasons():
     model = nn.Sequential(conv(8, 8, 3, groups=2), conv(8, 8, 3, groups=8),
                           conv(8, 8, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))

@@ -289,3 +289,25 @@ def test_frozen_on_cuda_matches_cpu():
         cpu = frozen(x)
         gpu = copy.deepcopy(frozen).cuda()(x.cuda()).cpu()
     _close(gpu, cpu)
+
+
+@pytest.mark.parametrize("mode", ["q", "ps"])
+@pytest.mark.parametrize("wb", range(2, 9))
+def test_frozen_equals_trained_at_the_smallest_shift(mode, wb):
+    # Weights far below 2^p_min clamp to the smallest shift the mode trains; every decoder must
+    # read that shift back (Q at 8 bits once trained 2^-127, which the packed format decodes to 0).
+    layer = ShiftLinear(8, 3, mode=mode, weight_bits=wb).eval()
+    with torch.no_grad():
+        if mode == "q":
+            layer.weight.copy_(torch.tensor([1e-39, -1e-39, 2.0 ** -127, 0.5, -0.25, 1e-3, -1e-6, 1.0]).repeat(3, 1))
+        else:
+            layer.shift.fill_(-200.0)
+            layer.sign.fill_(1.0)
+    trained = layer.quantized_weight().detach()
+    p_min, _ = layer.shift_range
+    assert trained[0, 0].item() == 2.0 ** p_min != 0.0
+    frozen = fxshift.freeze(layer)
+    assert torch.equal(frozen.unpacked_weight(), trained)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        _close(frozen(x), layer(x))

@@ -335,6 +335,32 @@ def test_shift_ps_parameters_go_to_a_named_group(data):
     _epoch(new_model, new_opt, data, 0)
 
 
+def test_shift_ps_parameters_get_no_weight_decay_by_default(data):
+    """A switch to DeepShift-PS sends P and S to a no-decay twin of their layer's group; the LR
+    scheduler drives the twin as it drives the source group."""
+    model = _model()
+    optimizer = _sgd(model)  # one group, weight_decay=1e-4
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 ** e)
+    sched = DecomposeSchedule(1, ShiftQuantizePass(mode="ps", weight_bits=5))
+    optimizer.step()  # (no gradients yet: nothing moves) keeps the scheduler from warning
+    scheduler.step()
+    new_model, new_opt = sched.on_epoch_start(1, model, optimizer, lr_scheduler=scheduler)
+    ps = {id(p) for n, p in new_model.named_parameters() if n.endswith((".shift", ".sign"))}
+    assert ps
+    decay = {id(p) for g in new_opt.param_groups if g["weight_decay"] != 0 for p in g["params"]}
+    assert not ps & decay
+    assert len(new_opt.param_groups) == 2 and {id(p) for p in new_opt.param_groups[1]["params"]} == ps
+    assert new_opt.param_groups[0]["weight_decay"] == 1e-4 and new_opt.param_groups[1]["weight_decay"] == 0.0
+    assert _opt_ids(new_opt) == _param_ids(new_model)
+    _epoch(new_model, new_opt, data, 1)
+    scheduler.step()
+    assert [g["lr"] for g in new_opt.param_groups] == pytest.approx([0.05 * 0.25] * 2, rel=1e-12)
+    # DeepShift-Q trains ordinary weights: no extra group
+    q_model = _model()
+    _, q_opt = DecomposeSchedule(0, ShiftQuantizePass(mode="q", weight_bits=5)).on_epoch_start(0, q_model, _sgd(q_model))
+    assert len(q_opt.param_groups) == 1 and q_opt.param_groups[0]["weight_decay"] == 1e-4
+
+
 def test_frozen_parameters_stay_out_and_named_groups_keep_names():
     model = _model()
     model.conv1.weight.requires_grad_(False)

@@ -21,7 +21,7 @@ what a Budget needs to compare layers, at a fraction of the cost of separate run
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -203,8 +203,9 @@ def _check(weight: torch.Tensor, rank: int) -> None:
 
 
 def cp_als(weight: torch.Tensor, rank: int, n_iter_max: int = 25, tol: float = 1e-4, seed: int = 0,
-           dtype: torch.dtype = torch.float32, linesearch: bool = True) -> tuple[CPFactors, float]:
-    """CP-decompose a conv kernel by ALS from the SVD initialisation.
+           dtype: torch.dtype = torch.float32, linesearch: bool = True,
+           init: Optional[Sequence[torch.Tensor]] = None) -> tuple[CPFactors, float]:
+    """CP-decompose a conv kernel by ALS from the SVD initialisation (or from `init`).
 
     Parameters
     ----------
@@ -223,6 +224,9 @@ def cp_als(weight: torch.Tensor, rank: int, n_iter_max: int = 25, tol: float = 1
         solved in float64).
     linesearch : bool
         tensorly's ALS line search (default True): fewer sweeps for the same error.
+    init : sequence of 4 tensors, optional
+        Start from these factor matrices ``(T×R, S×R, kh×R, kw×R)``, e.g. a probe's from
+        ``cp_error_curve(..., return_factors=True)``; the result is never worse than this start.
 
     Returns
     -------
@@ -240,11 +244,21 @@ def cp_als(weight: torch.Tensor, rank: int, n_iter_max: int = 25, tol: float = 1
         t, s, kh, kw = weight.shape
         zeros = [torch.zeros(n, rank, dtype=dtype) for n in (t, s, kh, kw)]
         return _to_cp_factors(weight, zeros), 0.0
-    generator = torch.Generator().manual_seed(seed)
-    factors = _svd_init(k, rank, generator)
+    if init is None:
+        factors = _svd_init(k, rank, torch.Generator().manual_seed(seed))
+    else:
+        start = [f.detach().to(dtype) for f in init]
+        if [tuple(f.shape) for f in start] != [(n, rank) for n in weight.shape]:
+            raise ValueError(f"init must hold four factor matrices (n, {rank}) for a kernel {tuple(weight.shape)}, "
+                             f"got {[tuple(f.shape) for f in start]}")
+        factors = [f.clone() for f in start]
     _sweeps(k, factors, n_iter_max, tol, linesearch)
-    result = _to_cp_factors(weight, factors)
-    return result, _error(k, factors)
+    error = _error(k, factors)
+    if init is not None:
+        start_error = _error(k, start)
+        if start_error < error:  # float32 sweeps or a line-search step may lose a little: keep the start
+            factors, error = start, start_error
+    return _to_cp_factors(weight, factors), error
 
 
 def _reconstruct(factors: list[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
@@ -271,7 +285,8 @@ def _residual_components(k: _Kernel, factors: list[torch.Tensor], extra: int,
 
 
 def cp_error_curve(weight: torch.Tensor, ranks: Sequence[int], sweeps: int = 3, seed: int = 0,
-                   dtype: torch.dtype = torch.float32, stop_at: float = -1.0) -> list[float]:
+                   dtype: torch.dtype = torch.float32, stop_at: float = -1.0, return_factors: bool = False
+                   ) -> Union[list[float], tuple[list[float], Optional[list[torch.Tensor]]]]:
     """Estimated relative CP error at each of several ranks, in one growing ALS run.
 
     The smallest rank starts from the SVD initialisation; each larger rank keeps the previous
@@ -280,19 +295,23 @@ def cp_error_curve(weight: torch.Tensor, ranks: Sequence[int], sweeps: int = 3, 
     error) and are used to compare layers, not reported as final errors.
 
     stop_at: stop growing once a rank's error is at most this; larger ranks get ``nan``.
+    return_factors: also return the factor matrices of the largest rank reached (the start
+        ``cp_als(init=...)`` takes, so a final run keeps at least the probe's accuracy).
 
     Returns
     -------
     list of float
-        One error per entry of `ranks`, in the given order.
+        One error per entry of `ranks`, in the given order (with return_factors, a pair
+        (errors, factors); factors is None for a zero kernel).
     """
     if not ranks:
-        return []
+        return ([], None) if return_factors else []
     order = sorted(set(int(r) for r in ranks))
     _check(weight, order[-1])
     k = _Kernel(weight, dtype)
     if k.norm2 == 0.0:
-        return [0.0 for _ in ranks]
+        zeros = [0.0 for _ in ranks]
+        return (zeros, None) if return_factors else zeros
     generator = torch.Generator().manual_seed(seed)
     errors: dict[int, float] = {}
     factors: Optional[list[torch.Tensor]] = None
@@ -305,7 +324,8 @@ def cp_error_curve(weight: torch.Tensor, ranks: Sequence[int], sweeps: int = 3, 
         errors[r] = _sweeps(k, factors, sweeps, 0.0, linesearch=False)
         if errors[r] <= stop_at:
             break
-    return [errors.get(int(r), math.nan) for r in ranks]
+    curve = [errors.get(int(r), math.nan) for r in ranks]
+    return (curve, factors) if return_factors else curve
 
 
 def cp_kernel(factors: CPFactors) -> torch.Tensor:

@@ -4,7 +4,8 @@ Two modes, both with straight-through gradients so that any torch optimizer trai
 
 - ``"q"`` (DeepShift-Q): the layer keeps an ordinary float ``weight``; the forward pass uses
   ``W_q = sign(W)·2^round(log2|W|)`` with nonzero ``|W|`` clamped into ``[2^p_min, 1]`` first and
-  ``p ∈ [−(2^(wb−1)−1), 0]`` (wb = weight_bits; 5 bits → −15…0). Exact zeros stay zero.
+  ``p ∈ [−(2^(wb−1)−1), 0]`` (wb = weight_bits; 5 bits → −15…0; 8 bits → −126…0, since every
+  decoder reads a shift below −126, a subnormal float32, as 0). Exact zeros stay zero.
 - ``"ps"`` (DeepShift-PS): the layer trains the shift ``shift`` (P) and the sign ``sign`` (S)
   directly, ``W = sign(round(S))·2^round(clamp(P))`` with ``P ∈ [−(2^(wb−1)−2), 0]`` (5 bits →
   −14…0; one code of the packed format is kept for zero) and a ternary sign (``|S| < 0.5`` → 0).
@@ -29,6 +30,7 @@ from torch import nn
 
 from ..costs import register_mac_rule
 from ..errors import ConfigError
+from ..ops.packing import MAX_NORMAL_SHIFT
 from .base import register_structure
 
 MODES = ("q", "ps")
@@ -79,11 +81,13 @@ def check_activation_bits(activation_bits: ActivationBits) -> Optional[tuple[int
 
 
 def shift_range(mode: str, weight_bits: int) -> tuple[int, int]:
-    """(p_min, p_max) of the shift p for a mode and weight_bits: Q −(2^(wb−1)−1)…0, PS −(2^(wb−1)−2)…0."""
+    """(p_min, p_max) of the shift p for a mode and weight_bits: Q −(2^(wb−1)−1)…0, PS −(2^(wb−1)−2)…0,
+    neither below −MAX_NORMAL_SHIFT (the packed format decodes smaller shifts to 0: Q at 8 bits)."""
     check_mode(mode)
     check_weight_bits(weight_bits)
     half = 2 ** (weight_bits - 1)
-    return (-(half - 1), 0) if mode == "q" else (-(half - 2), 0)
+    p_min = -(half - 1) if mode == "q" else -(half - 2)
+    return max(p_min, -MAX_NORMAL_SHIFT), 0
 
 
 # --------------------------------------------------------------------------------------------

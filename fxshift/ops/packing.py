@@ -40,11 +40,12 @@ __all__ = [
     "unpack",
     "unpack_codes",
     "to_fixed",
+    "MAX_NORMAL_SHIFT",
 ]
 
 MIN_BITS = 2
 MAX_BITS = 9
-_MAX_NORMAL_SHIFT = 126  # 2**-126 is the smallest normal float32
+MAX_NORMAL_SHIFT = 126  # 2**-126 is the smallest normal float32: larger m decode to zero
 
 
 def _index(value, name: str, allow_bool: bool = False) -> int:
@@ -200,7 +201,7 @@ def unpack(words: torch.Tensor, shape: Sequence[int], bits: int, has_zero: int) 
     codes = _codes(words, rows, k, rw, bits)
     m = codes & ((1 << (bits - 1)) - 1)
     negative = (codes >> (bits - 1)) == 1
-    mag = torch.where(m > _MAX_NORMAL_SHIFT, torch.zeros((), dtype=torch.float32, device=codes.device),
+    mag = torch.where(m > MAX_NORMAL_SHIFT, torch.zeros((), dtype=torch.float32, device=codes.device),
                       torch.exp2(-m.to(torch.float32)))
     w = torch.where(negative, -mag, mag)
     if has_zero:

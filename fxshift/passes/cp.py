@@ -115,16 +115,23 @@ class CPDecomposePass(DecompositionPass):
             found = max(evbmf_rank(mode_unfolding(weight, 0)), evbmf_rank(mode_unfolding(weight, 1)))
             return max(1, min(top, found))
         if isinstance(rank, str) and rank.startswith("energy"):
-            tau = parse_energy(rank, name)
-            ladder = distinct(max(1, int(round(f * even))) for f in ENERGY_LADDER)
-            errors = cp_error_curve(module.weight.detach(), ladder, sweeps=self.probe_sweeps, seed=self.seed,
-                                    stop_at=math.sqrt(max(0.0, 1.0 - tau)))
-            for r, err in zip(ladder, errors):
-                if math.isfinite(err) and 1.0 - err * err >= tau - 1e-12:
-                    return r
-            return f"energy {tau} needs a CP rank above the break-even rank {even}"
+            found = self._energy_probe(name, module, rank)
+            return found if isinstance(found, str) else found[0]
         raise ConfigError(f"{where}: unknown rank {rank!r}; use a fraction in (0, 1] of the break-even rank, an int, "
                           "'vbmf', 'energy:τ', a dict by layer name, a callable (name, module) or fxshift.Budget(...)")
+
+    def _energy_probe(self, name: str, module: nn.Conv2d, rank: str) -> Union[str, tuple[int, list]]:
+        """("energy:τ") the smallest ladder rank whose probe keeps τ, with the probe's ALS factors
+        (the final run starts from them, so it keeps τ too), or the reason the layer is left alone."""
+        tau = parse_energy(rank, name)
+        even = cp_break_even_rank(tuple(module.weight.shape))
+        ladder = distinct(max(1, int(round(f * even))) for f in ENERGY_LADDER)
+        errors, factors = cp_error_curve(module.weight.detach(), ladder, sweeps=self.probe_sweeps, seed=self.seed,
+                                         stop_at=math.sqrt(max(0.0, 1.0 - tau)), return_factors=True)
+        for r, err in zip(ladder, errors):
+            if math.isfinite(err) and 1.0 - err * err >= tau - 1e-12:
+                return r, (factors if factors is not None and factors[0].shape[1] == r else None)
+        return f"energy {tau} needs a CP rank above the break-even rank {even}"
 
     def decompose(self, name: str, module: nn.Module, rank: Any) -> Decision:
         if isinstance(module, nn.Linear):
@@ -132,7 +139,12 @@ class CPDecomposePass(DecompositionPass):
         reason = self._unsupported(module)
         if reason:
             return Decision(None, reason)
-        r = self.resolve_rank(name, module, rank)
+        probe = None
+        if isinstance(rank, str) and rank.startswith("energy"):
+            found = self._energy_probe(name, module, rank)
+            r, probe = (found, None) if isinstance(found, str) else found
+        else:
+            r = self.resolve_rank(name, module, rank)
         if isinstance(r, str):
             return Decision(None, r)
         weight = module.weight.detach()
@@ -141,10 +153,14 @@ class CPDecomposePass(DecompositionPass):
             return Decision(None, f"would not cut its cost at rank {r} (break-even rank "
                                   f"{cp_break_even_rank(weight.shape)})", rank=r)
         if self.solver == "als":
-            factors, error = cp_als(weight, r, n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed)
+            factors, error = cp_als(weight, r, n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed, init=probe)
         else:
             factors = cp_conv(weight, r, n_iter_max=self.n_iter_max, tol=self.tol, seed=self.seed)
             error = relative_error(weight, cp_kernel(factors))
+            if probe is not None:  # a fresh run may land above the probe: then continue from the probe
+                refined, refined_error = cp_als(weight, r, n_iter_max=self.n_iter_max, tol=self.tol, init=probe)
+                if refined_error < error:
+                    factors, error = refined, refined_error
         return Decision(CPConv2d.from_factors(module, factors), rank=r, rel_error=error)
 
     def budget_candidates(self, name: str, module: nn.Module,

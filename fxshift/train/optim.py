@@ -30,6 +30,9 @@ __all__ = ["rebuild_optimizer", "move_lr_scheduler", "unwrap_model", "optimizer_
 GroupOf = Callable[[str, nn.Parameter], Union[int, str, None]]
 
 _SKIP_GROUP_KEYS = ("params", "param_names")
+#: LR-scheduler attributes holding one entry per param group (torch.optim.lr_scheduler's schedulers).
+_PER_GROUP_SCHEDULER_LISTS = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "base_momentums", "max_momentums",
+                              "min_lrs")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -131,7 +134,8 @@ def _move_state(state: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
 
 def rebuild_optimizer(optimizer: Optimizer, old_model: nn.Module, new_model: nn.Module, *,
                       lr_scheduler: Any = None, group_of: Optional[GroupOf] = None,
-                      carry_state: bool = True) -> Optimizer:
+                      carry_state: bool = True,
+                      no_decay: Optional[Callable[[str, nn.Parameter], bool]] = None) -> Optimizer:
     """An optimizer like `optimizer` over exactly the parameters of `new_model`.
 
     Args:
@@ -143,6 +147,12 @@ def rebuild_optimizer(optimizer: Optimizer, old_model: nn.Module, new_model: nn.
         group_of: optional `(name, param) -> group index | group "name" | None`, choosing the
             param group of a new parameter (None falls back to the default rule below).
         carry_state: carry per-parameter state of parameters that survived unchanged.
+        no_decay: optional `(name, param) -> bool`: parameters that must get no weight decay (e.g.
+            DeepShift-PS shifts and signs). Where the default rule puts one into a group with
+            weight decay, it goes to that group's no-decay twin instead: an existing group equal to
+            it but for weight_decay=0, else a copy with weight_decay=0 appended after the old
+            groups ("name" suffixed ".no_decay"); LR schedulers get the twin's entries copied from
+            its source group. A group chosen by `group_of` is kept as given.
 
     Returns:
         A new optimizer of the same class, with the same `defaults` and the same param groups,
@@ -166,6 +176,8 @@ def rebuild_optimizer(optimizer: Optimizer, old_model: nn.Module, new_model: nn.
 
     assigned: list[list[tuple[str, nn.Parameter]]] = [[] for _ in optimizer.param_groups]
     carried: list[tuple[nn.Parameter, nn.Parameter]] = []
+    twin_of: dict[int, int] = {}  # old group index -> index of its no-decay twin
+    sources: list[int] = []  # old group index of each appended twin
     for name, param in new_model.named_parameters():
         exact, owned = _source_of(name, old_params, old_modules)
         if exact is None and not param.requires_grad:
@@ -186,6 +198,15 @@ def rebuild_optimizer(optimizer: Optimizer, old_model: nn.Module, new_model: nn.
                 index = old_group[pick[0]]
             else:
                 index = 0
+            if no_decay is not None and optimizer.param_groups[index].get("weight_decay", 0.0) != 0 \
+                    and no_decay(name, param):
+                if index not in twin_of:
+                    twin_of[index] = _no_decay_twin(optimizer.param_groups, index)
+                    if twin_of[index] < 0:
+                        sources.append(index)
+                        assigned.append([])
+                        twin_of[index] = len(assigned) - 1
+                index = twin_of[index]
         assigned[index].append((name, param))
         if carry_state:
             source = _survivor(name, param, exact, owned, old_params)
@@ -195,15 +216,16 @@ def rebuild_optimizer(optimizer: Optimizer, old_model: nn.Module, new_model: nn.
     if not any(assigned):
         raise ConfigError("the new model has no parameter to optimise (every source parameter was outside the "
                           "optimizer)")
+    templates = list(optimizer.param_groups) + [_twin_settings(optimizer.param_groups[i]) for i in sources]
     groups = []
-    for old, members in zip(optimizer.param_groups, assigned):
+    for old, members in zip(templates, assigned):
         group = {k: v for k, v in old.items() if k not in _SKIP_GROUP_KEYS}
         group["params"] = [p for _, p in members]
         groups.append(group)
     cls = type(optimizer)
     new = cls(groups, **_constructor_defaults(cls, optimizer.defaults))
     new.defaults = dict(optimizer.defaults)
-    for old, group, members in zip(optimizer.param_groups, new.param_groups, assigned):
+    for old, group, members in zip(templates, new.param_groups, assigned):
         for key, value in old.items():  # the constructor must not reset scheduled values
             if key not in _SKIP_GROUP_KEYS:
                 group[key] = value
@@ -214,8 +236,28 @@ def rebuild_optimizer(optimizer: Optimizer, old_model: nn.Module, new_model: nn.
     if getattr(optimizer, "_opt_called", False):
         new._opt_called = True
     for scheduler in _as_list(lr_scheduler):
-        move_lr_scheduler(scheduler, new)
+        move_lr_scheduler(scheduler, new, added=sources)
     return new
+
+
+def _twin_settings(group: dict[str, Any]) -> dict[str, Any]:
+    twin = {k: v for k, v in group.items() if k not in _SKIP_GROUP_KEYS}
+    twin["weight_decay"] = 0.0
+    if "name" in twin:
+        twin["name"] = f"{twin['name']}.no_decay"
+    if "param_names" in group:
+        twin["param_names"] = []
+    return twin
+
+
+def _no_decay_twin(groups: Sequence[dict[str, Any]], index: int) -> int:
+    """Index of an existing group equal to groups[index] but for weight_decay=0 (and name), or -1."""
+    want = {k: v for k, v in groups[index].items() if k not in (*_SKIP_GROUP_KEYS, "weight_decay", "name")}
+    for i, g in enumerate(groups):
+        if i != index and g.get("weight_decay", 0.0) == 0 and \
+                {k: v for k, v in g.items() if k not in (*_SKIP_GROUP_KEYS, "weight_decay", "name")} == want:
+            return i
+    return -1
 
 
 def _patch_step_tracking(optimizer: Optimizer) -> None:
@@ -239,23 +281,29 @@ def _patch_step_tracking(optimizer: Optimizer) -> None:
     optimizer.step = wrapper
 
 
-def move_lr_scheduler(scheduler: Any, optimizer: Optimizer) -> None:
+def move_lr_scheduler(scheduler: Any, optimizer: Optimizer, *, added: Sequence[int] = ()) -> None:
     """Point `scheduler` (and the schedulers inside SequentialLR / ChainedScheduler) at `optimizer`.
 
     The position (last_epoch, _step_count), base_lrs and any per-scheduler state are kept; the
     new optimizer must have the old one's param groups in the same order, as rebuild_optimizer
-    gives. Works for ReduceLROnPlateau too.
+    gives, followed by one group per entry of `added` (the old group each copies; the
+    scheduler's per-group entries are copied from it). Works for ReduceLROnPlateau too.
     """
     if not hasattr(scheduler, "optimizer"):
         raise ConfigError(f"{type(scheduler).__name__} has no 'optimizer' attribute; pass a torch.optim.lr_scheduler "
                           "scheduler")
     old = scheduler.optimizer
-    if len(old.param_groups) != len(optimizer.param_groups):
+    if len(old.param_groups) + len(added) != len(optimizer.param_groups):
         raise ConfigError(f"cannot move {type(scheduler).__name__}: the new optimizer has "
-                          f"{len(optimizer.param_groups)} param groups, the old one {len(old.param_groups)}")
+                          f"{len(optimizer.param_groups)} param groups, the old one {len(old.param_groups)}"
+                          + (f" plus {len(added)} added" if added else ""))
     scheduler.optimizer = optimizer
     for inner in getattr(scheduler, "_schedulers", ()) or ():
-        move_lr_scheduler(inner, optimizer)
+        move_lr_scheduler(inner, optimizer, added=added)
+    for attr in _PER_GROUP_SCHEDULER_LISTS if added else ():
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, list) and len(values) == len(old.param_groups):
+            values.extend(copy.copy(values[i]) for i in added)
     _patch_step_tracking(optimizer)
 
 

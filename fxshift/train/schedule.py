@@ -30,6 +30,7 @@ from ..nn.base import RECOMPOSE_RULES
 from ..passes.recompose import RecomposePass
 from ..pipeline import Pass, apply
 from ..trace import LeafSpec
+from .deepshift import shift_parameters
 from .distributed import apply_synced, rewrap
 from .optim import GroupOf, rebuild_optimizer, unwrap_model
 
@@ -84,6 +85,10 @@ class DecomposeSchedule:
             a new parameter (default: the group of the layer it replaced). Useful to send new
             parameters to a group created empty from the start, e.g. DeepShift-PS shifts to a
             group without weight decay.
+        ps_no_decay: DeepShift-PS shifts and signs get no weight decay (methods.md §1; add
+            fxshift.train.shift_regularizer to the loss instead): where the default rule would put
+            them in a group with weight decay, they go to its no-decay twin (see rebuild_optimizer's
+            `no_decay`). Default True; `group_of` choices are kept as given.
         leaf_modules, concrete_args: tracing options, as for fxshift.apply.
         process_group: synchronise across this process group even when the model is not wrapped
             in DDP (a DDP model always uses its wrapper's group).
@@ -117,7 +122,7 @@ class DecomposeSchedule:
     def __init__(self, at_epoch: int, pipeline: Pass | Sequence[Pass], *, recompose_at_end: bool = False,
                  example_inputs: Any = None, group_of: Optional[GroupOf] = None, leaf_modules: LeafSpec = None,
                  concrete_args: Optional[dict[str, Any]] = None, process_group: Any = None,
-                 src: Optional[int] = None):
+                 src: Optional[int] = None, ps_no_decay: bool = True):
         if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 0:
             raise ConfigError(f"at_epoch={at_epoch!r}: give the epoch (an int ≥ 0) at whose start to switch")
         self.at_epoch = at_epoch
@@ -127,6 +132,7 @@ class DecomposeSchedule:
         self.recompose_at_end = bool(recompose_at_end)
         self.example_inputs = example_inputs
         self.group_of = group_of
+        self.ps_no_decay = bool(ps_no_decay)
         self.apply_kwargs = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
         self.process_group = process_group
         self.src = src
@@ -209,7 +215,12 @@ class DecomposeSchedule:
         new_model: nn.Module = rewrap(ddp, gm) if ddp is not None else gm
         new_optimizer = None
         if optimizer is not None:
-            new_optimizer = rebuild_optimizer(optimizer, base, gm, lr_scheduler=lr_scheduler, group_of=self.group_of)
+            no_decay = None
+            if self.ps_no_decay:
+                ps = {id(p) for params in shift_parameters(gm) for p in params}
+                no_decay = lambda _name, param: id(param) in ps  # noqa: E731
+            new_optimizer = rebuild_optimizer(optimizer, base, gm, lr_scheduler=lr_scheduler, group_of=self.group_of,
+                                              no_decay=no_decay)
         seconds = time.perf_counter() - start
         record = {"event": event, "epoch": epoch, "seconds": seconds,
                   "params_before": sum(p.numel() for p in base.parameters()),

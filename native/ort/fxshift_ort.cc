@@ -392,7 +392,21 @@ extern "C" FXS_ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOp
                                                                     const OrtApiBase* api_base) {
   if (!api_base) return nullptr;
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (!api) return nullptr;  // an onnxruntime older than these headers: nothing can be reported
+  if (!api) {
+    // An onnxruntime older than these headers. CreateStatus leads every OrtApi version, so any
+    // version the runtime does serve can report the mismatch.
+    uint32_t served = ORT_API_VERSION;
+    while (!api && --served > 0) api = api_base->GetApi(served);
+    if (!api) return nullptr;  // serves no version at all: nothing can report
+    const char* runtime = api_base->GetVersionString ? api_base->GetVersionString() : nullptr;
+    return api->CreateStatus(ORT_FAIL, ("libfxshift_ort was built against onnxruntime API version " +
+                                        std::to_string(ORT_API_VERSION) + " (onnxruntime 1." +
+                                        std::to_string(ORT_API_VERSION) + "), but this onnxruntime " +
+                                        (runtime ? runtime : "(unknown version)") + " serves API version " +
+                                        std::to_string(served) + " at most; upgrade onnxruntime or rebuild "
+                                        "fxshift against its headers (scripts/fetch_ort_headers.sh)")
+                                           .c_str());
+  }
   static std::once_flag once;
   std::call_once(once, [api] { g_api = api; });
   if (fxs_abi_version() != FXS_ABI_VERSION)
