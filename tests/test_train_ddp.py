@@ -40,6 +40,27 @@ def _steps(model, optimizer, x, y, rank, n, batch=32):
         optimizer.step()
 
 
+def _skewed_tucker(skew: bool, budget):
+    """A Tucker pass whose Budget candidates look different on one rank (as latency timings of a
+    noisy machine may): there the cheapest candidate's error reads 1000× smaller."""
+    from fxshift import TuckerDecomposePass
+
+    class Skewed(TuckerDecomposePass):
+        def budget_candidates(self, name, module, fractions):
+            found = super().budget_candidates(name, module, fractions)
+            if isinstance(found, str) or not skew:
+                return found
+            return [(r, e * (1e-3 if i == 0 else 1.0)) for i, (r, e) in enumerate(found)]
+
+    return Skewed(rank=budget)
+
+
+def _planned_ranks(gm) -> list:
+    from fxshift import report
+
+    return [[r["layer"], r["rank"]] for r in report(gm).to_dicts()]
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -96,6 +117,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result["mismatch_error"] = ""
         except FxshiftError as exc:
             result["mismatch_error"] = str(exc)
+        # A Budget is planned on rank 0 and broadcast: a rank whose measurements differ still
+        # builds rank 0's structure (plain apply on each rank would not).
+        from fxshift import Budget
+
+        budget = Budget(params=0.75)
+        result["budget_plain"] = _planned_ranks(apply(_skewed_tucker(rank == 1, budget), own, torch.zeros(1, 1, 8, 8)))
+        result["budget_synced"] = _planned_ranks(apply_synced(_skewed_tucker(rank == 1, budget), own,
+                                                              torch.zeros(1, 1, 8, 8)))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -130,3 +159,5 @@ def test_ddp_ranks_agree_after_the_switch_and_after_more_steps(tmp_path):
         assert r["synced_from_different_weights"] == 0.0 and r["source_kept"]
         assert "different structures on ranks 0 and 1" in r["mismatch_error"], r["mismatch_error"]
     assert results[0]["lr"] == results[1]["lr"] == pytest.approx(0.05 * 0.7 ** 3)
+    assert results[0]["budget_plain"] != results[1]["budget_plain"]  # the skew changes the plan...
+    assert results[0]["budget_synced"] == results[1]["budget_synced"] == results[0]["budget_plain"]  # ...not here
