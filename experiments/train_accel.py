@@ -1,4 +1,4 @@
-"""Training acceleration by decomposition mid-training (methods.md §7), reproduced on Fashion-MNIST.
+"""Training acceleration by decomposition mid-training (docs/methods.md §7), reproduced on Fashion-MNIST.
 
 Runs, all with the same seed, data order, optimizer and LR schedule:
   (a) original   the small ResNet trained for E epochs;

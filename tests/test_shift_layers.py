@@ -1,4 +1,4 @@
-"""DeepShift layers against methods.md §1: Q and PS rounding, fixed point, STE gradients, training helpers."""
+"""DeepShift layers against docs/methods.md §1: Q and PS rounding, fixed point, STE gradients, training helpers."""
 import math
 
 import numpy as np

@@ -1,10 +1,5 @@
-"""Rank rules shared by every decomposition: fraction, int, "energy:τ", "vbmf", per layer.
-
-A rank option may be a plain value (float fraction in (0, 1], int, "vbmf", "energy:0.85"), a
-tuple of those for multi-mode decompositions, a dict from layer name to any of these, or a
-callable (name, module) -> any of these. A dict without the layer, or a callable returning None,
-leaves that layer alone. A Budget (fxshift.decompose.budget) instead chooses every layer's rank
-so that the whole model meets a cost target.
+"""Rank rules shared by every SVD-based decomposition: what a parsed rank setting
+(fxshift.decompose.rank_setting: fraction, int, "energy:τ", "vbmf", per mode) means for a layer.
 
 The truncated-SVD rule (`low_rank`) is shared by the Linear SVD, each Tucker mode and the spatial
 decomposition; `tail_error` gives the Eckart–Young error of any rank from the same spectrum.
@@ -17,33 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import ConfigError
-
-
-def rank_for_layer(rank: Any, name: str, module: torch.nn.Module) -> Any:
-    """The rank setting that applies to one layer, or None when the setting leaves it out."""
-    from .budget import Budget
-
-    if isinstance(rank, dict):
-        value = rank.get(name)
-    elif callable(rank) and not isinstance(rank, (type, Budget)):
-        value = rank(name, module)
-    else:
-        value = rank
-    if isinstance(value, Budget):
-        raise ConfigError(f"layer {name!r}: a Budget chooses the ranks of the whole model; give it as the pass's "
-                          "rank (rank=fxshift.Budget(...)), not per layer")
-    return value
-
-
-def parse_energy(spec: str, layer: str) -> float:
-    """The τ of an "energy:τ" setting, checked to lie in (0, 1]."""
-    try:
-        tau = float(spec.split(":", 1)[1])
-    except (IndexError, ValueError):
-        raise ConfigError(f"layer {layer!r}: rank {spec!r} is not of the form 'energy:0.85'") from None
-    if not 0.0 < tau <= 1.0:
-        raise ConfigError(f"layer {layer!r}: energy threshold {tau} must lie in (0, 1]")
-    return tau
+from .rank_setting import Absolute, Energy, Fraction, PerMode, RankSpec, VBMF, is_data_driven, parse_rank
 
 
 def energy_rank(singular: torch.Tensor, tau: float) -> int:
@@ -90,35 +59,26 @@ def low_rank(spec: Any, max_rank: int, layer: str, *, spectrum: Optional[Callabl
     Raises ConfigError naming the layer for any invalid setting.
     """
     where = _where(layer, max_rank, mode, what)
-    if isinstance(spec, bool) or spec is None:
-        raise ConfigError(f"{where}: rank {spec!r} is not a valid setting; use a fraction, an int, 'vbmf' or "
-                          "'energy:τ'")
-    if isinstance(spec, float):
-        if not 0.0 < spec <= 1.0:
-            raise ConfigError(f"{where}: rank fraction {spec} must lie in (0, 1]; use an int for an absolute rank")
-        return max(1, min(max_rank, int(round(spec * max_rank))))
-    if isinstance(spec, int):
-        if not 1 <= spec <= max_rank:
-            raise ConfigError(f"{where}: rank {spec} must lie in 1..{max_rank}")
-        return spec
-    if isinstance(spec, str):
-        if spec == "vbmf":
-            if matrices is None:
-                raise ConfigError(f"{where}: rank 'vbmf' needs the layer's weight")
-            from .evbmf import evbmf_rank
+    spec = parse_rank(spec, layer)
+    if isinstance(spec, Fraction):
+        return max(1, min(max_rank, int(round(spec.value * max_rank))))
+    if isinstance(spec, Absolute):
+        if not 1 <= spec.value <= max_rank:
+            raise ConfigError(f"{where}: rank {spec.value} must lie in 1..{max_rank}")
+        return spec.value
+    if isinstance(spec, VBMF):
+        if matrices is None:
+            raise ConfigError(f"{where}: rank 'vbmf' needs the layer's weight")
+        from .evbmf import evbmf_rank
 
-            # EVBMF may find no signal at all (pure noise); a layer needs at least rank 1.
-            found = max(evbmf_rank(m.detach().double()) for m in matrices())
-            return max(1, min(max_rank, found))
-        if spec.startswith("energy"):
-            tau = parse_energy(spec, layer)
-            if spectrum is None:
-                raise ConfigError(f"{where}: rank {spec!r} needs the layer's weight")
-            return min(max_rank, energy_rank(pooled_singular_values(spectrum()), tau))
-    raise ConfigError(
-        f"{where}: unknown rank {spec!r}; use a fraction in (0, 1], an int, a tuple, 'vbmf', 'energy:τ', "
-        "a dict by layer name, a callable (name, module) or fxshift.Budget(...)"
-    )
+        # EVBMF may find no signal at all (pure noise); a layer needs at least rank 1.
+        found = max(evbmf_rank(m.detach().double()) for m in matrices())
+        return max(1, min(max_rank, found))
+    if isinstance(spec, Energy):
+        if spectrum is None:
+            raise ConfigError(f"{where}: rank 'energy:{spec.tau}' needs the layer's weight")
+        return min(max_rank, energy_rank(pooled_singular_values(spectrum()), spec.tau))
+    raise ConfigError(f"{where}: a per-mode rank {spec} is not a single rank here")
 
 
 def mode_rank(spec: Any, size: int, unfolding: Optional[torch.Tensor], layer: str, mode: str = "") -> int:
@@ -127,8 +87,9 @@ def mode_rank(spec: Any, size: int, unfolding: Optional[torch.Tensor], layer: st
     `unfolding` (size × rest) is needed only by the data-driven rules ("vbmf", "energy:τ").
     Raises ConfigError naming the layer for any invalid setting.
     """
-    if isinstance(spec, str) and unfolding is None and (spec == "vbmf" or spec.startswith("energy")):
-        raise ConfigError(f"{_where(layer, size, mode, 'channels')}: rank {spec!r} needs the layer's weight")
+    spec = parse_rank(spec, layer)
+    if is_data_driven(spec) and unfolding is None:
+        raise ConfigError(f"{_where(layer, size, mode, 'channels')}: rank {spec} needs the layer's weight")
     spectrum = (lambda: torch.linalg.svdvals(unfolding.detach().double())) if unfolding is not None else None
     matrices = (lambda: [unfolding]) if unfolding is not None else None
     return low_rank(spec, size, layer, spectrum=spectrum, matrices=matrices, mode=mode)
@@ -137,14 +98,22 @@ def mode_rank(spec: Any, size: int, unfolding: Optional[torch.Tensor], layer: st
 def mode_ranks(spec: Any, sizes: tuple[int, ...], unfoldings: Callable[[int], torch.Tensor], layer: str,
                mode_names: tuple[str, ...]) -> tuple[int, ...]:
     """Resolve a setting for several modes: a tuple gives one setting per mode, anything else applies to all."""
-    if isinstance(spec, (tuple, list)):
-        if len(spec) != len(sizes):
-            raise ConfigError(f"layer {layer!r}: rank {tuple(spec)} needs {len(sizes)} entries ({', '.join(mode_names)})")
-        specs = tuple(spec)
+    spec = parse_rank(spec, layer)
+    if isinstance(spec, PerMode):
+        if len(spec.modes) != len(sizes):
+            raise ConfigError(f"layer {layer!r}: rank {spec} needs {len(sizes)} entries ({', '.join(mode_names)})")
+        specs = spec.modes
     else:
         specs = (spec,) * len(sizes)
-    return tuple(mode_rank(s, n, unfoldings(i) if isinstance(s, str) else None, layer, m)
+    return tuple(mode_rank(s, n, unfoldings(i) if is_data_driven(s) else None, layer, m)
                  for i, (s, n, m) in enumerate(zip(specs, sizes, mode_names)))
+
+
+def first_mode(spec: Any, layer: str = "") -> RankSpec:
+    """The setting of the first mode (the whole setting when it is not per mode): what a
+    single-rank decomposition (a Linear's SVD, Tucker-1) takes from a per-mode tuple."""
+    spec = parse_rank(spec, layer)
+    return spec.modes[0] if isinstance(spec, PerMode) else spec
 
 
 def hosvd_errors(weight: torch.Tensor, rank_pairs: Sequence[tuple[int, int]]) -> list[float]:

@@ -1,4 +1,4 @@
-"""Truncated SVD of a matrix, split into two factors (methods.md §5)."""
+"""Truncated SVD of a matrix, split into two factors (docs/methods.md §5)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional

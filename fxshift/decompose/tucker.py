@@ -1,4 +1,4 @@
-"""Tucker-2 and Tucker-1 of a conv kernel over its channel modes (methods.md §2, §6)."""
+"""Tucker-2 and Tucker-1 of a conv kernel over its channel modes (docs/methods.md §2, §6)."""
 from __future__ import annotations
 
 import warnings

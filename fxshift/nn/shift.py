@@ -1,4 +1,4 @@
-"""DeepShift layers (methods.md §1): weights that are ±2^p (or 0), trained in float.
+"""DeepShift layers (docs/methods.md §1): weights that are ±2^p (or 0), trained in float.
 
 Two modes, both with straight-through gradients so that any torch optimizer trains them:
 

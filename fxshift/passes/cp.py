@@ -8,7 +8,8 @@ from torch import nn
 
 from ..decompose.cp import cp_conv, cp_max_rank
 from ..decompose.cp_als import cp_als, cp_break_even_rank, cp_error_curve, cp_kernel
-from ..decompose.ranks import distinct, parse_energy
+from ..decompose.rank_setting import Absolute, Energy, Fraction, VBMF, parse_rank
+from ..decompose.ranks import distinct
 from ..decompose.tucker import mode_unfolding, relative_error
 from ..errors import ConfigError
 from ..nn.cp import CPConv2d
@@ -21,7 +22,7 @@ ENERGY_LADDER = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class CPDecomposePass(DecompositionPass):
-    """Replace each Conv2d by the CP chain of Lebedev et al. (methods.md §3): 1×1 conv S→R, kh×1
+    """Replace each Conv2d by the CP chain of Lebedev et al. (docs/methods.md §3): 1×1 conv S→R, kh×1
     depthwise conv (stride, padding, dilation of the height axis), 1×kw depthwise conv (those of
     the width axis), 1×1 conv R→T with the original bias. The report carries each layer's relative
     reconstruction error ‖W − Ŵ‖/‖W‖.
@@ -97,33 +98,30 @@ class CPDecomposePass(DecompositionPass):
         shape = tuple(module.weight.shape)
         top, even = cp_max_rank(shape), cp_break_even_rank(shape)
         where = f"layer {name!r} (CP break-even rank {even}, maximum {top})"
-        if isinstance(rank, bool) or rank is None:
-            raise ConfigError(f"{where}: rank {rank!r} is not a valid setting; use a fraction, an int, 'vbmf' or "
-                              "'energy:τ'")
-        if isinstance(rank, float):
-            if not 0.0 < rank <= 1.0:
-                raise ConfigError(f"{where}: rank fraction {rank} must lie in (0, 1]; use an int for an absolute rank")
-            return max(1, min(even, int(round(rank * even))))
-        if isinstance(rank, int):
-            if not 1 <= rank <= top:
-                raise ConfigError(f"{where}: rank {rank} must lie in 1..{top}")
-            return rank
-        if rank == "vbmf":
+        spec = parse_rank(rank, name)
+        if isinstance(spec, Fraction):
+            return max(1, min(even, int(round(spec.value * even))))
+        if isinstance(spec, Absolute):
+            if not 1 <= spec.value <= top:
+                raise ConfigError(f"{where}: rank {spec.value} must lie in 1..{top}")
+            return spec.value
+        if isinstance(spec, VBMF):
             from ..decompose.evbmf import evbmf_rank
 
             weight = module.weight.detach().double()
             found = max(evbmf_rank(mode_unfolding(weight, 0)), evbmf_rank(mode_unfolding(weight, 1)))
             return max(1, min(top, found))
-        if isinstance(rank, str) and rank.startswith("energy"):
-            found = self._energy_probe(name, module, rank)
+        if isinstance(spec, Energy):
+            found = self._energy_probe(name, module, spec)
             return found if isinstance(found, str) else found[0]
-        raise ConfigError(f"{where}: unknown rank {rank!r}; use a fraction in (0, 1] of the break-even rank, an int, "
-                          "'vbmf', 'energy:τ', a dict by layer name, a callable (name, module) or fxshift.Budget(...)")
+        raise ConfigError(f"{where}: unknown rank {rank!r} (CP has one rank, not one per mode); use a fraction in "
+                          "(0, 1] of the break-even rank, an int, 'vbmf', 'energy:τ', a dict by layer name, a "
+                          "callable (name, module) or fxshift.Budget(...)")
 
-    def _energy_probe(self, name: str, module: nn.Conv2d, rank: str) -> Union[str, tuple[int, list]]:
+    def _energy_probe(self, name: str, module: nn.Conv2d, spec: Energy) -> Union[str, tuple[int, list]]:
         """("energy:τ") the smallest ladder rank whose probe keeps τ, with the probe's ALS factors
         (the final run starts from them, so it keeps τ too), or the reason the layer is left alone."""
-        tau = parse_energy(rank, name)
+        tau = spec.tau
         even = cp_break_even_rank(tuple(module.weight.shape))
         ladder = distinct(max(1, int(round(f * even))) for f in ENERGY_LADDER)
         errors, factors = cp_error_curve(module.weight.detach(), ladder, sweeps=self.probe_sweeps, seed=self.seed,
@@ -140,8 +138,9 @@ class CPDecomposePass(DecompositionPass):
         if reason:
             return Decision(None, reason)
         probe = None
-        if isinstance(rank, str) and rank.startswith("energy"):
-            found = self._energy_probe(name, module, rank)
+        spec = parse_rank(rank, name)
+        if isinstance(spec, Energy):
+            found = self._energy_probe(name, module, spec)
             r, probe = (found, None) if isinstance(found, str) else found
         else:
             r = self.resolve_rank(name, module, rank)

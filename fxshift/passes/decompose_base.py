@@ -17,7 +17,8 @@ from ..context import add_budget_summary, budget_summaries, example_inputs_of, r
 from ..costs import input_shapes, parameter_count, proxy_input_shape, shape_macs
 from ..decompose.budget import Budget
 from ..decompose.planner import plan_budget
-from ..decompose.ranks import distinct, linear_rank_for_cost, mode_rank, rank_for_layer, tail_error
+from ..decompose.rank_setting import rank_for_layer
+from ..decompose.ranks import distinct, first_mode, linear_rank_for_cost, mode_rank, tail_error
 from ..decompose.svd import svd_factors
 from ..decompose.tucker import relative_error
 from ..nn.low_rank_linear import LowRankLinear
@@ -39,11 +40,10 @@ class Decision:
 
 
 def linear_decision(name: str, module: nn.Linear, rank: Any) -> Decision:
-    """The truncated SVD of a Linear (methods.md §5) that every decomposition pass shares: rank a
+    """The truncated SVD of a Linear (docs/methods.md §5) that every decomposition pass shares: rank a
     fraction of min(T, S), an int, "energy:τ" or "vbmf" (the first entry of a tuple)."""
     weight = module.weight.detach()
-    spec = rank[0] if isinstance(rank, (tuple, list)) else rank
-    r = mode_rank(spec, min(weight.shape), weight, name)
+    r = mode_rank(first_mode(rank, name), min(weight.shape), weight, name)
     factors = svd_factors(weight, r)
     error = relative_error(weight, factors.second @ factors.first)
     return Decision(LowRankLinear.from_factors(module, factors), rank=r, rel_error=error)

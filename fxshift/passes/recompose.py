@@ -15,7 +15,7 @@ from ..graph import replace_module
 
 
 class RecomposePass(PassBase):
-    """Multiply decomposed chains back into single Conv2d / Linear layers (methods.md §6), so that
+    """Multiply decomposed chains back into single Conv2d / Linear layers (docs/methods.md §6), so that
     `original.load_state_dict(gm.state_dict())` works on a fresh instance of the original model.
 
     Any module type with a rule in fxshift.nn.RECOMPOSE_RULES is folded; decompositions register

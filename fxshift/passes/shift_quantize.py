@@ -1,4 +1,4 @@
-"""ShiftQuantizePass: replace Conv2d and Linear layers by DeepShift layers (methods.md §1)."""
+"""ShiftQuantizePass: replace Conv2d and Linear layers by DeepShift layers (docs/methods.md §1)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -20,7 +20,7 @@ from ..graph import LayerFilter, Selector, candidate_layers, replace_module
 
 class ShiftQuantizePass(PassBase):
     """Replace every Conv2d (any stride, padding, dilation, groups) and Linear by a ShiftConv2d /
-    ShiftLinear whose weights are ±2^p (DeepShift, methods.md §1).
+    ShiftLinear whose weights are ±2^p (DeepShift, docs/methods.md §1).
 
     Args:
         mode: "q" (DeepShift-Q: trains float weights, rounds them in the forward pass) or "ps"

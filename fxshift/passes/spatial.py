@@ -25,7 +25,7 @@ def spatial_matrices(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class SpatialSVDPass(DecompositionPass):
-    """Replace each Conv2d (T×S/g×kh×kw) by a kh×1 conv S→g·K and a 1×kw conv g·K→T (methods.md §4).
+    """Replace each Conv2d (T×S/g×kh×kw) by a kh×1 conv S→g·K and a 1×kw conv g·K→T (docs/methods.md §4).
 
     The kernel reshaped to the (S/g·kh)×(kw·T/g) matrix M[(s,i),(j,t)] = W[t,s,i,j] (per group) is
     truncated by SVD, so for a given K the relative reconstruction error is the Eckart–Young

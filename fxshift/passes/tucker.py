@@ -6,7 +6,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from ..decompose.ranks import (distinct, hosvd_errors, mode_rank, mode_ranks, tail_error, tucker1_rank_for_cost,
+from ..decompose.ranks import (distinct, first_mode, hosvd_errors, mode_rank, mode_ranks, tail_error, tucker1_rank_for_cost,
                                tucker2_ranks_for_cost)
 from ..decompose.tucker import mode_unfolding, relative_error, tucker1, tucker2, tucker_reconstruct
 from ..nn.low_rank_linear import LowRankLinear
@@ -16,8 +16,8 @@ from ..graph import Selector
 
 
 class TuckerDecomposePass(DecompositionPass):
-    """Replace each Conv2d by 1×1 → k×k core → 1×1 (Tucker-2, methods.md §2) and each Linear by two
-    Linears (truncated SVD, §5).
+    """Replace each Conv2d by 1×1 → k×k core → 1×1 (Tucker-2, docs/methods.md §2) and each Linear by two
+    Linears (truncated SVD, docs/methods.md §5).
 
     Args:
         rank: a fraction in (0, 1] of each mode's channels, an int, an (r_out, r_in) tuple, "vbmf",
@@ -56,8 +56,7 @@ class TuckerDecomposePass(DecompositionPass):
         weight = module.weight.detach()
         t, s = weight.shape[:2]
         if s <= self.tucker1_max_in:
-            r_out = mode_rank(rank[0] if isinstance(rank, (tuple, list)) else rank, t,
-                              mode_unfolding(weight, 0), name, "output")
+            r_out = mode_rank(first_mode(rank, name), t, mode_unfolding(weight, 0), name, "output")
             # The output unfolding has rank at most S·kh·kw: a larger rank would add nothing.
             r_out = min(r_out, weight[0].numel())
             factors = tucker1(weight, r_out)

@@ -1,4 +1,4 @@
-"""DeepShift training helpers: optimizer parameter groups and the PS shift regulariser (methods.md §1).
+"""DeepShift training helpers: optimizer parameter groups and the PS shift regulariser (docs/methods.md §1).
 
 The authors' advice for DeepShift-PS: the shifts P and signs S get no weight decay; instead add
 wd·½·Σ(2^P)² to the loss; train with RAdam/Adam (lr 0.01 from scratch, 0.001 from pretrained); a

@@ -1,4 +1,4 @@
-"""DecomposeSchedule: change a model's structure in the middle of training (methods.md §7).
+"""DecomposeSchedule: change a model's structure in the middle of training (docs/methods.md §7).
 
 Elhoushi et al. (arXiv 1909.05675) train the original architecture for a few epochs, Tucker-
 decompose it, keep training the decomposed (cheaper) model, and optionally recompose it at the
@@ -85,7 +85,7 @@ class DecomposeSchedule:
             a new parameter (default: the group of the layer it replaced). Useful to send new
             parameters to a group created empty from the start, e.g. DeepShift-PS shifts to a
             group without weight decay.
-        ps_no_decay: DeepShift-PS shifts and signs get no weight decay (methods.md §1; add
+        ps_no_decay: DeepShift-PS shifts and signs get no weight decay (docs/methods.md §1; add
             fxshift.train.shift_regularizer to the loss instead): where the default rule would put
             them in a group with weight decay, they go to its no-decay twin (see rebuild_optimizer's
             `no_decay`). Default True; `group_of` choices are kept as given.
