@@ -60,12 +60,8 @@ def low_rank(spec: Any, max_rank: int, layer: str, *, spectrum: Optional[Callabl
     """
     where = _where(layer, max_rank, mode, what)
     spec = parse_rank(spec, layer)
-    if isinstance(spec, Fraction):
-        return max(1, min(max_rank, int(round(spec.value * max_rank))))
-    if isinstance(spec, Absolute):
-        if not 1 <= spec.value <= max_rank:
-            raise ConfigError(f"{where}: rank {spec.value} must lie in 1..{max_rank}")
-        return spec.value
+    if isinstance(spec, (Fraction, Absolute)):
+        return fixed_rank(spec, max_rank, max_rank, where)
     if isinstance(spec, VBMF):
         if matrices is None:
             raise ConfigError(f"{where}: rank 'vbmf' needs the layer's weight")
@@ -79,6 +75,15 @@ def low_rank(spec: Any, max_rank: int, layer: str, *, spectrum: Optional[Callabl
             raise ConfigError(f"{where}: rank 'energy:{spec.tau}' needs the layer's weight")
         return min(max_rank, energy_rank(pooled_singular_values(spectrum()), spec.tau))
     raise ConfigError(f"{where}: a per-mode rank {spec} is not a single rank here")
+
+
+def fixed_rank(spec: Fraction | Absolute, whole: int, top: int, where: str) -> int:
+    """A fraction of `whole` (rounded, within 1..top) or an int checked to lie in 1..top."""
+    if isinstance(spec, Fraction):
+        return max(1, min(top, int(round(spec.value * whole))))
+    if not 1 <= spec.value <= top:
+        raise ConfigError(f"{where}: rank {spec.value} must lie in 1..{top}")
+    return spec.value
 
 
 def mode_rank(spec: Any, size: int, unfolding: Optional[torch.Tensor], layer: str, mode: str = "") -> int:

@@ -9,7 +9,7 @@ from torch import nn
 from ..decompose.cp import cp_conv, cp_max_rank
 from ..decompose.cp_als import cp_als, cp_break_even_rank, cp_error_curve, cp_kernel
 from ..decompose.rank_setting import Absolute, Energy, Fraction, VBMF, parse_rank
-from ..decompose.ranks import distinct
+from ..decompose.ranks import distinct, fixed_rank
 from ..decompose.tucker import mode_unfolding, relative_error
 from ..errors import ConfigError
 from ..nn.cp import CPConv2d
@@ -100,11 +100,9 @@ class CPDecomposePass(DecompositionPass):
         where = f"layer {name!r} (CP break-even rank {even}, maximum {top})"
         spec = parse_rank(rank, name)
         if isinstance(spec, Fraction):
-            return max(1, min(even, int(round(spec.value * even))))
+            return fixed_rank(spec, even, even, where)
         if isinstance(spec, Absolute):
-            if not 1 <= spec.value <= top:
-                raise ConfigError(f"{where}: rank {spec.value} must lie in 1..{top}")
-            return spec.value
+            return fixed_rank(spec, even, top, where)
         if isinstance(spec, VBMF):
             from ..decompose.evbmf import evbmf_rank
 
