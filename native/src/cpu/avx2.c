@@ -781,7 +781,7 @@ static void cfix_job(void *vctx, int64_t job, int tid)
 static int avx2_conv2d_fixed(const fxs_conv_args *a)
 {
     cfix_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t K = a->z.k, O = a->s.out_channels, P = a->z.out_h * a->z.out_w, o, k, i;
     int64_t nx = a->s.n * a->s.c * a->s.h * a->s.w;
     const int32_t *x = (const int32_t *)a->x;

@@ -303,7 +303,7 @@ static int fxs_linear_gemm(const fxs_linear_args *a, const fxs_gemm_isa *isa)
 {
     fxs_lin_gemm_ctx c;
     fxs_wt_ctx wt;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t mb;
     float *ap;
     memset(&c, 0, sizeof c);
@@ -416,7 +416,7 @@ static int fxs_conv2d_gemm(const fxs_conv_args *a, const fxs_gemm_isa *isa)
 {
     fxs_conv_apack_ctx pc;
     fxs_conv_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t K = a->z.k, Mg = a->z.o_per_group, P = a->z.out_h * a->z.out_w;
     int64_t panels = (Mg + isa->MR - 1) / isa->MR;
     fxs_conv_tap *taps;
@@ -602,7 +602,7 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     int MR, NR;
     fxs_direct_fill_ctx fc;
     fxs_direct_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t Hp = s->h + 2 * s->pad_h, Wp = s->w + 2 * s->pad_w, K = a->z.k, Mg = a->z.o_per_group;
     int64_t Hq = (Hp + s->stride_h - 1) / s->stride_h, Wq = (Wp + s->stride_w - 1) / s->stride_w;
     int64_t plane, chan_stride, img_floats, total, ci, ky, kx, k, nimg, n0;
