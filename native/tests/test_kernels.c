@@ -780,8 +780,9 @@ static void test_scale_exec(void)
     float *x = random_floats(7 * K), *bias = random_floats(O), *scale = random_floats(O);
     float *y0 = (float *)xmalloc(7 * O * 4), *y = (float *)xmalloc(7 * O * 4),
           *want = (float *)xmalloc(7 * O * 4), *ye = (float *)xmalloc(7 * O * 4);
-    fxs_conv2d_shape s = conv_shape(2, 12, 11, 9, 20, 3, 3, 1, 1, 1, 1, 1, 1, 1);
-    int64_t cw_words, oh, ow, cny, cnx = 2 * 12 * 11 * 9;
+    /* large enough (> FXS_PARALLEL_MIN_MACS) to run on the pool */
+    fxs_conv2d_shape s = conv_shape(2, 12, 16, 15, 20, 3, 3, 1, 1, 1, 1, 1, 1, 1);
+    int64_t cw_words, oh, ow, cny, cnx = 2 * 12 * 16 * 15;
     uint32_t *cw = random_packed(20, 108, 5, 1, &cw_words);
     float *cx = random_floats(cnx), *cb = random_floats(20), *cs = random_floats(20);
     float *cy0, *cy, *cwant;

@@ -247,7 +247,8 @@ static void apply_scale(float *y, int64_t rows, int64_t channels, int64_t plane,
     c.bias = bias;
     c.channels = channels;
     c.plane = plane;
-    fxs_parallel(rows * channels, FXS_MAX_THREADS, scale_job, &c);
+    fxs_parallel(rows * channels, rows * channels * plane < ((int64_t)1 << 16) ? 1 : FXS_MAX_THREADS,
+                 scale_job, &c);
 }
 
 /* The same for a linear's y (batch, O): one job per batch row. */
@@ -322,7 +323,8 @@ int fxs_shift_linear_ex(const float *x, int64_t x_len, int64_t batch, int64_t in
             c.scale = scale;
             c.bias = bias;
             c.o = out_features;
-            fxs_parallel(batch, FXS_MAX_THREADS, row_scale_job, &c);
+            fxs_parallel(batch, batch * out_features < ((int64_t)1 << 16) ? 1 : FXS_MAX_THREADS,
+                         row_scale_job, &c);
         }
     } else {
         st = kt->linear_f32(&a);
