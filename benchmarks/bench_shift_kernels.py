@@ -1,32 +1,21 @@
-"""Native shift kernels vs torch float32, as ratios measured in the same run.
+"""Native shift kernels vs torch float32, each runtime timed in its own process.
 
-    python -m pytest benchmarks/bench_shift_kernels.py --benchmark-only \
-        --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+    python -m pytest benchmarks/bench_shift_kernels.py -s
     FXSHIFT_BENCH_QUICK=1 python -m pytest benchmarks/bench_shift_kernels.py   # CI: few shapes/rounds
-    FXSHIFT_BENCH_ISA=avx2 ...      # force an ISA of the native kernels
-    FXSHIFT_BENCH_THREADS=1 FXSHIFT_BENCH_CLOCK=thread ...   # see below
+    FXSHIFT_BENCH_ISA=avx2 ...      # force an ISA of the native kernels (FXSHIFT_ISA in the child)
+    FXSHIFT_BENCH_THREADS=1 ...     # threads of torch and of libfxshift (default 2)
 
-Each test times torch and the native kernel *interleaved* (alternating calls,
-median of each), so both see the same machine state, and records
-``speedup = torch median / native median`` plus both medians in
-``benchmark.extra_info``; pytest-benchmark's own statistics are for the native
-kernel.  A summary table is printed at the end of the session.
+A torch process and a native process (benchmarks/process_timing.py, benchmarks/kernel_cases.py) each time
+every shape; the two alternate for a few rounds, and ``speedup = torch median / native median`` comes from
+the medians over rounds, with the load average.  One process holds one thread pool only, so torch's OpenMP
+and libfxshift's pool never spin against each other (interleaved in one process they moved the ratio
+between 0.5x and 8x).  Each test also checks, in this process, that the native result matches torch.
 
-On a machine shared with other busy processes, wall-clock ratios with several
-threads mostly measure the scheduler (torch's OpenMP threads spin-wait on
-preempted peers).  ``FXSHIFT_BENCH_THREADS=1 FXSHIFT_BENCH_CLOCK=thread`` runs
-torch and the native kernels on one thread each and times them with the
-calling thread's CPU time (``time.thread_time``), which preemption does not
-inflate; the load average is recorded with every ratio.
-
-Shapes: batch-1 Linear (4096x4096 and VGG-16's classifier 25088->4096,
-4096->4096, 4096->1000) against F.linear, and ResNet-18's convolutions (stem,
-3x3 at 56/28/14/7 with stride 1 and 2, 1x1 downsamples) at batch 1 and 8
-against F.conv2d.  Weights are 5-bit shift codes with the zero code.
+Shapes: batch-1 Linear (4096x4096 and VGG-16's classifier 25088->4096, 4096->4096, 4096->1000) against
+F.linear, and ResNet-18's convolutions (stem, 3x3 at 56/28/14/7 with stride 1 and 2, 1x1 downsamples) at
+batch 1 and 8 against F.conv2d.  Weights are 5-bit shift codes with the zero code.
 """
 import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -34,16 +23,13 @@ import torch.nn.functional as F
 
 from fxshift.ops import native, packing
 
+from kernel_cases import BITS, HAS_ZERO, random_words
+from process_timing import torch_medians
+
 QUICK = os.environ.get("FXSHIFT_BENCH_QUICK", "") not in ("", "0")
-THREADS = int(os.environ.get("FXSHIFT_BENCH_THREADS", "0"))  # 0: library/torch defaults
-CLOCK = os.environ.get("FXSHIFT_BENCH_CLOCK", "wall")
-if CLOCK not in ("wall", "thread"):
-    raise ValueError("FXSHIFT_BENCH_CLOCK must be 'wall' or 'thread'")
-if CLOCK == "thread" and THREADS != 1:
-    raise ValueError("FXSHIFT_BENCH_CLOCK=thread needs FXSHIFT_BENCH_THREADS=1 (CPU time of the calling thread)")
-TIMER = time.thread_time if CLOCK == "thread" else time.perf_counter
-BITS, HAS_ZERO = 5, 1
-ROUNDS = 5 if QUICK else 15
+THREADS = int(os.environ.get("FXSHIFT_BENCH_THREADS", "2"))
+ISA = os.environ.get("FXSHIFT_BENCH_ISA")
+ROUNDS = 2 if QUICK else 5
 
 # (name, in_features, out_features, batch)
 LINEAR = [
@@ -73,70 +59,46 @@ if QUICK:
     CONV = [CONV[1], CONV[9]]
 CONV_BATCHES = [1] if QUICK else [1, 8]
 
-_summary = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _setup():
-    isa = os.environ.get("FXSHIFT_BENCH_ISA")
-    torch_threads = torch.get_num_threads()
-    if isa:
-        native.force_isa(isa)
-    if THREADS:
-        torch.set_num_threads(THREADS)
-        native.set_num_threads(THREADS)
-    header = (f"fxshift native ({native.active_isa()}, {native.get_num_threads()} threads) vs torch "
-              f"{torch.__version__} ({torch.get_num_threads()} threads), {CLOCK} clock, medians in ms:")
-    yield
-    if isa:
-        native.force_isa(None)
-    if THREADS:
-        torch.set_num_threads(torch_threads)
-        native.set_num_threads(0)
-    if _summary:
-        print("\n\n" + header)
-        print(f"{'shape':<34}{'torch':>10}{'native':>10}{'speedup':>9}")
-        for name, t, n in _summary:
-            print(f"{name:<34}{t * 1e3:>10.3f}{n * 1e3:>10.3f}{t / n:>8.2f}x")
+def _cases():
+    cases = [dict(kind="linear", name=n, k=k, o=o, batch=b) for n, k, o, b in LINEAR]
+    cases += [dict(kind="conv", name=f"{n}_b{b}", c=c, o=o, hw=hw, k=k, s=s, p=p, batch=b)
+              for n, c, o, hw, k, s, p in CONV for b in CONV_BATCHES]
+    return cases
 
 
-def random_words(gen, shape):
-    mmax = (1 << (BITS - 1)) - 1
-    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1, 1).to(torch.int8)
-    sign[torch.rand(shape, generator=gen) < 0.1] = 0
-    mag = torch.randint(0, mmax, shape, generator=gen).to(torch.uint8)
-    return packing.pack(sign, mag, BITS, HAS_ZERO)
+@pytest.fixture(scope="module")
+def timings():
+    """{case name: {"float": s, "native": s}} from alternating child processes, and the load average."""
+    if ISA:
+        os.environ["FXSHIFT_ISA"] = ISA
+    try:
+        medians, load = torch_medians(["float", "native"], _cases(), rounds=ROUNDS, iters=3 if QUICK else 7,
+                                      min_time=0.02 if QUICK else 0.1, threads=THREADS)
+    finally:
+        if ISA:
+            os.environ.pop("FXSHIFT_ISA")
+    isa = ISA or native.active_isa()
+    print(f"\n\nfxshift native ({isa}) vs torch {torch.__version__} float32, {THREADS} threads each, each in its "
+          f"own process, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; medians in ms:")
+    print(f"{'shape':<34}{'torch':>10}{'native':>10}{'speedup':>9}")
+    for name, d in medians.items():
+        print(f"{name:<34}{d['float'] * 1e3:>10.3f}{d['native'] * 1e3:>10.3f}{d['float'] / d['native']:>8.2f}x")
+    return medians, load, isa
 
 
-def interleaved(fn_a, fn_b, rounds, min_time=0.05):
-    """Median seconds per call of fn_a and fn_b, timed alternately (each timing covers enough calls
-    to last ~min_time)."""
-    fn_a(), fn_b()  # warm up
-    t0 = TIMER()
-    fn_a()
-    reps = max(1, int(min_time / max(TIMER() - t0, 1e-6)))
-    ta, tb = [], []
-    for _ in range(rounds):
-        for fn, acc in ((fn_a, ta), (fn_b, tb)):
-            t0 = TIMER()
-            for _ in range(reps):
-                fn()
-            acc.append((TIMER() - t0) / reps)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def record(benchmark, name, torch_fn, native_fn):
-    t_torch, t_native = interleaved(torch_fn, native_fn, ROUNDS)
+def record(benchmark, timings, name, native_fn):
+    medians, load, isa = timings
+    t_torch, t_native = medians[name]["float"], medians[name]["native"]
     benchmark.extra_info.update(speedup=round(t_torch / t_native, 3), torch_ms=round(t_torch * 1e3, 4),
-                                native_ms=round(t_native * 1e3, 4), isa=native.active_isa(),
-                                native_threads=native.get_num_threads(), torch_threads=torch.get_num_threads(),
-                                clock=CLOCK, load_avg_1min=round(os.getloadavg()[0], 2))
-    _summary.append((name, t_torch, t_native))
-    benchmark.pedantic(native_fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+                                native_ms=round(t_native * 1e3, 4), isa=isa, threads=THREADS,
+                                load_avg_1min=round(load[0], 2))
+    benchmark.pedantic(native_fn, rounds=1, iterations=1)
 
 
 @pytest.mark.parametrize("name,k,o,batch", LINEAR, ids=[s[0] for s in LINEAR])
-def test_shift_linear(benchmark, name, k, o, batch):
+def test_shift_linear(benchmark, timings, name, k, o, batch):
     gen = torch.Generator().manual_seed(0)
     words = random_words(gen, (o, k))
     w = packing.unpack(words, (o, k), BITS, HAS_ZERO)
@@ -144,13 +106,12 @@ def test_shift_linear(benchmark, name, k, o, batch):
     bias = torch.randn(o, generator=gen)
     torch.testing.assert_close(native.shift_linear(x, words, o, BITS, HAS_ZERO, bias), F.linear(x, w, bias),
                                rtol=1e-4, atol=1e-3)
-    record(benchmark, name, lambda: F.linear(x, w, bias),
-           lambda: native.shift_linear(x, words, o, BITS, HAS_ZERO, bias))
+    record(benchmark, timings, name, lambda: native.shift_linear(x, words, o, BITS, HAS_ZERO, bias))
 
 
 @pytest.mark.parametrize("batch", CONV_BATCHES)
 @pytest.mark.parametrize("name,c,o,hw,k,s,p", CONV, ids=[s[0] for s in CONV])
-def test_shift_conv2d(benchmark, name, c, o, hw, k, s, p, batch):
+def test_shift_conv2d(benchmark, timings, name, c, o, hw, k, s, p, batch):
     gen = torch.Generator().manual_seed(0)
     shape = (o, c, k, k)
     words = random_words(gen, shape)
@@ -159,5 +120,5 @@ def test_shift_conv2d(benchmark, name, c, o, hw, k, s, p, batch):
     bias = torch.randn(o, generator=gen)
     torch.testing.assert_close(native.shift_conv2d(x, words, shape, s, p, 1, 1, BITS, HAS_ZERO, bias),
                                F.conv2d(x, w, bias, s, p), rtol=1e-4, atol=1e-3)
-    record(benchmark, f"{name}_b{batch}", lambda: F.conv2d(x, w, bias, s, p),
+    record(benchmark, timings, f"{name}_b{batch}",
            lambda: native.shift_conv2d(x, words, shape, s, p, 1, 1, BITS, HAS_ZERO, bias))

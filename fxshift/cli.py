@@ -315,18 +315,18 @@ def _input_shape(info: dict, override: Optional[str]) -> tuple[int, ...]:
 
 
 def cmd_bench(args) -> int:
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from fxshift.onnx import export_plain, plugin_available, session
-    from fxshift.onnx.runtime import median_times
+    from fxshift.onnx import export_plain, library_path, plugin_available
+    from fxshift.onnx.process_timing import onnx_medians
+    from fxshift.onnx.runtime import default_threads
     from fxshift.report import format_table
 
     info = inspect_model(args.file)
     shape = _input_shape(info, args.input_shape)
     float_spec = args.float or info["metadata"].get("fxshift.model")
     has_shift = bool(info["shift_nodes"])
-    runtimes: dict[str, tuple[Any, int]] = {}
+    threads = int(args.threads or default_threads())
+    # runtime -> (file, plugin library or None, bytes); each is timed in processes of its own
+    runtimes: dict[str, tuple[Any, Any, int]] = {}
     with tempfile.TemporaryDirectory(prefix="fxshift-bench-") as tmp:
         if float_spec:
             if float_spec.endswith(".onnx"):
@@ -339,41 +339,31 @@ def cmd_bench(args) -> int:
                 _log(f"exporting the float model {float_spec} (standard ops) ...")
                 float_path = Path(tmp) / "float.onnx"
                 export_plain(build_model(float_spec), (torch.randn(*shape),), float_path)
-            runtimes["float"] = (session(float_path, plugin=False, threads=args.threads), float_path.stat().st_size)
+            runtimes["float"] = (float_path, None, float_path.stat().st_size)
         else:
             _log("no float model (give --float MODEL or a .onnx file): ratios are left out")
         size = info["bytes"]
         if has_shift and plugin_available():
-            runtimes["plugin"] = (session(args.file, plugin=True, threads=args.threads), size)
+            runtimes["plugin"] = (args.file, library_path(), size)
         elif has_shift:
             _log("libfxshift_ort not found: the plugin row is left out (" + "build it; see README)")
-        runtimes["functions" if has_shift else "model"] = (session(args.file, plugin=False, threads=args.threads),
-                                                          size)
+        runtimes["functions" if has_shift else "model"] = (args.file, None, size)
         rows = []
         for batch in args.batch:
-            x = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
-            bar = tqdm(total=len(runtimes) * (args.rounds + 2), desc=f"batch {batch}", unit="run", leave=False,
-                       file=sys.stderr)
-
-            def runner(s):
-                feed = {s.get_inputs()[0].name: x}
-
-                def run():
-                    s.run(None, feed)
-                    bar.update(1)
-                return run
-
-            medians = median_times({k: runner(s) for k, (s, _) in runtimes.items()}, rounds=args.rounds)
-            bar.close()
+            _log(f"batch {batch}: {args.rounds} rounds of {len(runtimes)} alternating processes ...")
+            medians, load = onnx_medians({k: (f, lib) for k, (f, lib, _) in runtimes.items()},
+                                         (batch, *shape[1:]), rounds=args.rounds, iters=5, warmup=1,
+                                         min_time=0.2, threads=threads)
             base = medians.get("float")
-            for name, (s, nbytes) in runtimes.items():
+            for name, (_, _, nbytes) in runtimes.items():
                 rows.append({"batch": batch, "runtime": name, "ms": f"{1e3 * medians[name]:.2f}",
                              "speed vs float": f"{base / medians[name]:.2f}x" if base else "",
                              "MB": f"{nbytes / 1e6:.2f}",
-                             "size vs float": f"{nbytes / runtimes['float'][1]:.3f}" if base else ""})
-    print(f"{args.file}: onnxruntime CPU latency, median of {args.rounds} interleaved rounds, input "
-          f"{(None, *shape[1:])}")
-    print(format_table(rows, ["batch", "runtime", "ms", "speed vs float", "MB", "size vs float"]))
+                             "size vs float": f"{nbytes / runtimes['float'][2]:.3f}" if base else "",
+                             "load": f"{load[0]:.2f}"})
+    print(f"{args.file}: onnxruntime CPU latency ({threads} threads), each runtime in its own process, median "
+          f"of {args.rounds} alternating rounds, input {(None, *shape[1:])}; load = 1-min load average")
+    print(format_table(rows, ["batch", "runtime", "ms", "speed vs float", "MB", "size vs float", "load"]))
     print("runtime: float = the float model exported with standard ops; plugin = fxshift ops on libfxshift_ort; "
           "functions = fxshift ops through the file's function bodies (stock onnxruntime)")
     return 0
@@ -404,7 +394,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--float", metavar="MODEL|FILE.onnx",
                    help="the float model (default: the MODEL recorded by fxshift compress)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of alternating processes, one per runtime (default 5)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--input-shape", default=None, help="input shape (default: recorded at export)")
     p.set_defaults(func=cmd_bench)

@@ -75,6 +75,12 @@ int fxs_shift_linear(const float *x, int64_t x_len, int64_t batch, int64_t in_fe
 int fxs_shift_conv2d(const fxs_conv2d_shape *shape, const float *x, int64_t x_len, const uint32_t *w, int64_t w_words, int bits, int has_zero, const float *bias, int64_t bias_len, float *y, int64_t y_len);
 int fxs_shift_linear_fixed(const int32_t *x, int64_t x_len, int64_t batch, int64_t in_features, const uint32_t *w, int64_t w_words, int64_t out_features, int bits, int has_zero, const int32_t *bias, int64_t bias_len, int frac_bits, float *y, int64_t y_len);
 int fxs_shift_conv2d_fixed(const fxs_conv2d_shape *shape, const int32_t *x, int64_t x_len, const uint32_t *w, int64_t w_words, int bits, int has_zero, const int32_t *bias, int64_t bias_len, int frac_bits, float *y, int64_t y_len);
+typedef void (*fxs_body_fn)(void *arg, int64_t i);
+typedef void (*fxs_parallel_for_fn)(void *runner, int64_t n, fxs_body_fn body, void *arg);
+typedef struct fxs_exec { fxs_parallel_for_fn parallel_for; void *runner; int max_threads; } fxs_exec;
+int fxs_shift_linear_ex(const float *x, int64_t x_len, int64_t batch, int64_t in_features, const uint32_t *w, int64_t w_words, int64_t out_features, int bits, int has_zero, const float *scale, int64_t scale_len, const float *bias, int64_t bias_len, float *y, int64_t y_len, const fxs_exec *exec);
+int fxs_shift_conv2d_ex(const fxs_conv2d_shape *shape, const float *x, int64_t x_len, const uint32_t *w, int64_t w_words, int bits, int has_zero, const float *scale, int64_t scale_len, const float *bias, int64_t bias_len, float *y, int64_t y_len, const fxs_exec *exec);
+int fxs_set_pool_spin_us(int us);
 int fxs_set_num_threads(int n);
 int fxs_get_num_threads(void);
 int fxs_force_isa(int isa);
@@ -375,22 +381,48 @@ def _linear_detail(st: int, x, words, out_features, k, bits, bias) -> str:
     return f"x shape {tuple(x.shape)}, words {tuple(words.shape)}, out_features={out_features}, bits={bits}"
 
 
+def _check_scale(fn: str, scale, n: int) -> Optional[torch.Tensor]:
+    if scale is None:
+        return None
+    scale = _tensor(fn, "scale", scale, (torch.float32,))
+    if scale.numel() != n:
+        _arg_error(fn, f"scale has {scale.numel()} elements (shape {tuple(scale.shape)}), expected {n} "
+                       "(one per output channel)")
+    return scale
+
+
+def _ex(lib, name: str):
+    try:
+        return getattr(lib, name)
+    except AttributeError:
+        raise NativeError(f"the loaded libfxshift has no {name} (a per-channel scale needs a libfxshift built "
+                          "from this fxshift); rebuild the native library") from None
+
+
 def shift_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits: int, has_zero: int,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``y = x @ W.T + bias`` with W the packed ``(out_features, in_features)`` shift weight.
+                 bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = (x @ W.T) * scale + bias`` with W the packed ``(out_features, in_features)`` shift weight.
 
     x: float32 ``(..., in_features)``; words: int32 ``(out_features, row_words)``;
-    bias: float32 ``(out_features,)`` or None.  Returns float32 ``(..., out_features)``.
+    bias, scale: float32 ``(out_features,)`` or None (scale None = 1; it multiplies the sum before the bias,
+    so the kernel's inner loop stays multiplication-free).  Returns float32 ``(..., out_features)``.
     """
     fn = "shift_linear"
     ffi, lib = load()
     x, words, bias, y, batch, k, o, bits, has_zero = _linear(fn, x, words, out_features, bits, has_zero, bias,
                                                              torch.float32)
+    scale = _check_scale(fn, scale, o)
     if batch == 0:
         return y
-    st = lib.fxs_shift_linear(_ptr(ffi, "float", x), x.numel(), batch, k, _ptr(ffi, "uint32_t", words),
-                              words.numel(), o, bits, has_zero, _ptr(ffi, "float", bias),
-                              0 if bias is None else bias.numel(), _ptr(ffi, "float", y), y.numel())
+    if scale is not None:
+        st = _ex(lib, "fxs_shift_linear_ex")(
+            _ptr(ffi, "float", x), x.numel(), batch, k, _ptr(ffi, "uint32_t", words), words.numel(), o, bits,
+            has_zero, _ptr(ffi, "float", scale), scale.numel(), _ptr(ffi, "float", bias),
+            0 if bias is None else bias.numel(), _ptr(ffi, "float", y), y.numel(), ffi.NULL)
+    else:
+        st = lib.fxs_shift_linear(_ptr(ffi, "float", x), x.numel(), batch, k, _ptr(ffi, "uint32_t", words),
+                                  words.numel(), o, bits, has_zero, _ptr(ffi, "float", bias),
+                                  0 if bias is None else bias.numel(), _ptr(ffi, "float", y), y.numel())
     if st != OK:
         _raise(fn, st, _linear_detail(st, x, words, o, k, bits, bias))
     return y
@@ -507,22 +539,30 @@ def _conv_detail(st, s, words, bits) -> str:
 
 def shift_conv2d(x: torch.Tensor, words: torch.Tensor, weight_shape: Sequence[int], stride=1, padding=0,
                  dilation=1, groups: int = 1, bits: int = 5, has_zero: int = 0,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``conv2d(x, W, bias)`` (torch semantics: zero padding, groups, dilation) with W packed.
+                 bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``conv2d(x, W) * scale[o] + bias[o]`` (torch semantics: zero padding, groups, dilation) with W packed.
 
     x: float32 ``(N, C, H, W)``; words: int32 ``(O, row_words)`` of the
     ``weight_shape = (O, C/groups, kh, kw)`` weight; stride/padding/dilation: int
-    or pair.  Returns float32 ``(N, O, out_h, out_w)``.
+    or pair; bias, scale: float32 ``(O,)`` or None (scale None = 1, applied before the bias).
+    Returns float32 ``(N, O, out_h, out_w)``.
     """
     fn = "shift_conv2d"
     ffi, lib = load()
     s, x, words, bias, y, bits, has_zero = _conv(fn, x, words, weight_shape, stride, padding, dilation,
                                                  groups, bits, has_zero, bias, torch.float32)
+    scale = _check_scale(fn, scale, int(weight_shape[0]))
     if y.numel() == 0:
         return y
-    st = lib.fxs_shift_conv2d(s, _ptr(ffi, "float", x), x.numel(), _ptr(ffi, "uint32_t", words), words.numel(),
-                              bits, has_zero, _ptr(ffi, "float", bias), 0 if bias is None else bias.numel(),
-                              _ptr(ffi, "float", y), y.numel())
+    if scale is not None:
+        st = _ex(lib, "fxs_shift_conv2d_ex")(
+            s, _ptr(ffi, "float", x), x.numel(), _ptr(ffi, "uint32_t", words), words.numel(), bits, has_zero,
+            _ptr(ffi, "float", scale), scale.numel(), _ptr(ffi, "float", bias), 0 if bias is None else bias.numel(),
+            _ptr(ffi, "float", y), y.numel(), ffi.NULL)
+    else:
+        st = lib.fxs_shift_conv2d(s, _ptr(ffi, "float", x), x.numel(), _ptr(ffi, "uint32_t", words),
+                                  words.numel(), bits, has_zero, _ptr(ffi, "float", bias),
+                                  0 if bias is None else bias.numel(), _ptr(ffi, "float", y), y.numel())
     if st != OK:
         _raise(fn, st, _conv_detail(st, s, words, bits))
     return y

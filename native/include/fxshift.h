@@ -85,7 +85,7 @@ typedef enum fxs_status {
     FXS_ERR_WORD_COUNT = -4,       /* packed buffer length != rows * row_words */
     FXS_ERR_INPUT_SIZE = -5,       /* an input length != what the shapes require */
     FXS_ERR_OUTPUT_SIZE = -6,      /* output length != what the shapes produce */
-    FXS_ERR_BIAS_SIZE = -7,        /* bias length != number of output features/channels */
+    FXS_ERR_BIAS_SIZE = -7,        /* bias (or scale) length != number of output features/channels */
     FXS_ERR_CONV_GEOMETRY = -8,    /* stride/dilation < 1, padding < 0 or output size < 1 */
     FXS_ERR_GROUPS = -9,           /* groups < 1 or not dividing in/out channels */
     FXS_ERR_VALUE_RANGE = -10,     /* pack: sign/magnitude not representable in the format */
@@ -158,6 +158,40 @@ FXS_API int fxs_shift_conv2d(const fxs_conv2d_shape *shape, const float *x, int6
                              const uint32_t *w, int64_t w_words, int bits, int has_zero,
                              const float *bias, int64_t bias_len, float *y, int64_t y_len);
 
+/* ---- extended float32 entry points: per-channel scale, caller's thread pool -----
+ * A caller-supplied parallel-for: run body(arg, i) once for every i in [0, n),
+ * on any threads, in any order, and return when all have finished.  fxshift
+ * calls it with n <= the thread count it plans for, and each i is a worker
+ * that takes jobs from a shared counter (so n calls of body may run on fewer
+ * threads).  body never calls back into the parallel-for. */
+typedef void (*fxs_body_fn)(void *arg, int64_t i);
+typedef void (*fxs_parallel_for_fn)(void *runner, int64_t n, fxs_body_fn body, void *arg);
+
+typedef struct fxs_exec {
+    fxs_parallel_for_fn parallel_for; /* NULL: libfxshift's own pool */
+    void *runner;                     /* passed back to parallel_for */
+    int max_threads;                  /* workers to plan for, in [1, FXS_MAX_THREADS];
+                                         0: fxs_get_num_threads() */
+} fxs_exec;
+
+/* fxs_shift_linear / fxs_shift_conv2d with two optional extras:
+ *  - scale (nullable, scale_len == out_features / out_channels): a float32
+ *    multiplier per output channel, applied to the accumulated sum before the
+ *    bias:  y = fl(fl(sum * scale[o]) + bias[o])  (two roundings, no FMA), so
+ *    the inner loops stay multiplication-free.  NULL means 1 (then scale_len
+ *    is ignored and the result is bit-identical to the plain entry point).
+ *  - exec (nullable): run the parallel loops through the caller's pool (e.g.
+ *    onnxruntime's intra-op pool) instead of libfxshift's own threads. */
+FXS_API int fxs_shift_linear_ex(const float *x, int64_t x_len, int64_t batch, int64_t in_features,
+                                const uint32_t *w, int64_t w_words, int64_t out_features,
+                                int bits, int has_zero, const float *scale, int64_t scale_len,
+                                const float *bias, int64_t bias_len, float *y, int64_t y_len,
+                                const fxs_exec *exec);
+FXS_API int fxs_shift_conv2d_ex(const fxs_conv2d_shape *shape, const float *x, int64_t x_len,
+                                const uint32_t *w, int64_t w_words, int bits, int has_zero,
+                                const float *scale, int64_t scale_len, const float *bias,
+                                int64_t bias_len, float *y, int64_t y_len, const fxs_exec *exec);
+
 /* ---- fixed-point kernels (DeepShift semantics) ------------------------------
  * x and bias are int32 fixed-point numbers with `frac_bits` fraction bits
  * (value = x * 2^-frac_bits), 0 <= frac_bits <= 31.  Each weight contributes
@@ -182,9 +216,15 @@ FXS_API int fxs_shift_conv2d_fixed(const fxs_conv2d_shape *shape, const int32_t 
 /* ---- threads -----------------------------------------------------------------
  * Default: the number of CPUs this process may run on (sched affinity), or the
  * environment variable FXSHIFT_NUM_THREADS.  0 restores the default.  The
- * library uses its own pthreads (no OpenMP), so it coexists with torch's. */
+ * library uses its own pthreads (no OpenMP), so it coexists with torch's.
+ * Between calls its workers sleep at once (a condition variable, no spinning),
+ * so they never compete with another runtime's threads;
+ * fxs_set_pool_spin_us(us) lets idle workers spin up to `us` microseconds
+ * first (0..100000; faster back-to-back calls when nothing else runs).  The
+ * environment variable FXSHIFT_POOL_SPIN_US sets the initial value. */
 FXS_API int fxs_set_num_threads(int n);
 FXS_API int fxs_get_num_threads(void);
+FXS_API int fxs_set_pool_spin_us(int us);        /* FXS_OK or FXS_ERR_THREADS */
 
 /* ---- instruction-set dispatch -------------------------------------------------
  * The kernel table is chosen once, when the library loads, from CPU features

@@ -30,6 +30,18 @@ FXS_API int fxs_cuda_shift_conv2d(const fxs_conv2d_shape *shape, const float *x,
                                   const float *bias, int64_t bias_len, float *y, int64_t y_len,
                                   void *stream);
 
+/* With a per-output-channel scale (nullable, scale_len == outputs; device memory):
+ * y = fl(fl(sum * scale[o]) + bias[o]), as fxs_shift_linear_ex / fxs_shift_conv2d_ex. */
+FXS_API int fxs_cuda_shift_linear_ex(const float *x, int64_t x_len, int64_t batch,
+                                     int64_t in_features, const uint32_t *w, int64_t w_words,
+                                     int64_t out_features, int bits, int has_zero,
+                                     const float *scale, int64_t scale_len, const float *bias,
+                                     int64_t bias_len, float *y, int64_t y_len, void *stream);
+FXS_API int fxs_cuda_shift_conv2d_ex(const fxs_conv2d_shape *shape, const float *x, int64_t x_len,
+                                     const uint32_t *w, int64_t w_words, int bits, int has_zero,
+                                     const float *scale, int64_t scale_len, const float *bias,
+                                     int64_t bias_len, float *y, int64_t y_len, void *stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -1,11 +1,17 @@
 // libfxshift_ort: onnxruntime custom-op library for the "fxshift" domain, a thin adapter over the
 // kernels of libfxshift (native/include/fxshift.h).
 //
-//   fxshift.ShiftConv2d(X float (N,C,H,W), W int32 packed, B float (O,)?) -> Y (N,O,OH,OW)
+//   fxshift.ShiftConv2d(X float (N,C,H,W), W int32 packed, B float (O,)?, scale float (O,)?) -> Y (N,O,OH,OW)
 //       attributes: weight_shape (O, C/group, kh, kw), strides (2), pads (4, begin == end),
 //                   dilations (2), group, bits, has_zero
-//   fxshift.ShiftLinear(X float (..., K), W int32 packed, B float (O,)?) -> Y (..., O)
+//   fxshift.ShiftLinear(X float (..., K), W int32 packed, B float (O,)?, scale float (O,)?) -> Y (..., O)
 //       attributes: in_features (K), out_features (O), bits, has_zero
+//
+// scale (optional, absent = 1): a per-output-channel multiplier applied to the accumulated sum before
+// the bias, y = sum * scale[o] + B[o] (fxs_shift_conv2d_ex / fxs_shift_linear_ex).
+//
+// Threads: the kernels' parallel loops run on onnxruntime's intra-op pool (KernelContext_ParallelFor
+// through libfxshift's fxs_exec callback), never on a second pool beside it.
 //
 // The packed format and the op semantics are those of fxshift.ops.packing / fxshift.onnx.functions
 // (the model-local function bodies an exported file carries; a registered kernel takes precedence).
@@ -163,11 +169,39 @@ OrtStatus* KernelStatus(const char* op, int status, const std::string& detail) {
   return Error(msg);
 }
 
-OrtStatus* CheckBias(const char* op, const TensorView& b, int64_t out) {
+OrtStatus* CheckBias(const char* op, const TensorView& b, int64_t out, const char* name = "bias B") {
   if (b.shape.size() != 1 || b.shape[0] != out)
-    return Error(std::string("fxshift.") + op + ": bias B has shape " + Join(b.shape) + ", expected (" +
+    return Error(std::string("fxshift.") + op + ": " + name + " has shape " + Join(b.shape) + ", expected (" +
                  std::to_string(out) + ",)");
   return nullptr;
+}
+
+// ---- onnxruntime's intra-op pool as libfxshift's parallel-for ------------------------------------
+struct PoolCall {
+  fxs_body_fn body;
+  void* arg;
+};
+
+void PoolTrampoline(void* data, size_t i) {
+  const PoolCall* call = static_cast<const PoolCall*>(data);
+  call->body(call->arg, static_cast<int64_t>(i));
+}
+
+// Runs body(arg, i) for i in [0, n) on the session's intra-op pool. If onnxruntime refuses, nothing
+// ran and libfxshift runs the jobs on this thread.
+void OrtParallelFor(void* runner, int64_t n, fxs_body_fn body, void* arg) {
+  PoolCall call{body, arg};
+  OrtStatus* st = g_api->KernelContext_ParallelFor(static_cast<const OrtKernelContext*>(runner), PoolTrampoline,
+                                                   static_cast<size_t>(n), static_cast<size_t>(n), &call);
+  if (st) g_api->ReleaseStatus(st);
+}
+
+fxs_exec OrtExec(OrtKernelContext* ctx) {
+  fxs_exec e;
+  e.parallel_for = OrtParallelFor;
+  e.runner = ctx;
+  e.max_threads = 0;  // libfxshift's thread count (the CPUs of this process)
+  return e;
 }
 
 // ---- ShiftConv2d ------------------------------------------------------------------------------
@@ -203,12 +237,13 @@ struct ShiftConv2dKernel {
 
   OrtStatus* Compute(OrtKernelContext* ctx) const {
     const char* op = kName;
-    TensorView x, w, b;
-    bool has_x, has_w, has_b;
+    TensorView x, w, b, sc;
+    bool has_x, has_w, has_b, has_sc;
     OrtStatus* st = nullptr;
     if ((st = Input(ctx, op, 0, "X", false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &x, &has_x)) ||
         (st = Input(ctx, op, 1, "W", false, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, &w, &has_w)) ||
-        (st = Input(ctx, op, 2, "B", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &b, &has_b)))
+        (st = Input(ctx, op, 2, "B", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &b, &has_b)) ||
+        (st = Input(ctx, op, 3, "scale", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &sc, &has_sc)))
       return st;
     const int64_t o = weight_shape[0];
     if (x.shape.size() != 4) return Error("fxshift.ShiftConv2d: X must be 4-D (N, C, H, W), got " + Join(x.shape));
@@ -224,6 +259,8 @@ struct ShiftConv2dKernel {
                    std::to_string(row_words) + " = " + std::to_string(words) + " words");
     if (has_b)
       if ((st = CheckBias(op, b, o))) return st;
+    if (has_sc)
+      if ((st = CheckBias(op, sc, o, "scale"))) return st;
     fxs_conv2d_shape s;
     std::memset(&s, 0, sizeof s);
     s.n = x.shape[0] > 0 ? x.shape[0] : 1;  // an empty batch: validate the geometry with n = 1
@@ -254,9 +291,12 @@ struct ShiftConv2dKernel {
     if (!MulOk(x.shape[0], o, &y_len) || !MulOk(y_len, oh, &y_len) || !MulOk(y_len, ow, &y_len))
       return Error("fxshift.ShiftConv2d: output " + Join(out_shape) + " is too large");
     if (y_len == 0) return nullptr;
-    status = fxs_shift_conv2d(&s, static_cast<const float*>(x.data), x.count, static_cast<const uint32_t*>(w.data),
-                              w.count, static_cast<int>(bits), static_cast<int>(has_zero),
-                              has_b ? static_cast<const float*>(b.data) : nullptr, has_b ? b.count : 0, y, y_len);
+    const fxs_exec exec = OrtExec(ctx);
+    status = fxs_shift_conv2d_ex(&s, static_cast<const float*>(x.data), x.count, static_cast<const uint32_t*>(w.data),
+                                 w.count, static_cast<int>(bits), static_cast<int>(has_zero),
+                                 has_sc ? static_cast<const float*>(sc.data) : nullptr, has_sc ? sc.count : 0,
+                                 has_b ? static_cast<const float*>(b.data) : nullptr, has_b ? b.count : 0, y, y_len,
+                                 &exec);
     if (status != FXS_OK) return KernelStatus(op, status, "input " + Join(x.shape) + ", weight_shape " + Join(weight_shape));
     return nullptr;
   }
@@ -282,12 +322,13 @@ struct ShiftLinearKernel {
 
   OrtStatus* Compute(OrtKernelContext* ctx) const {
     const char* op = kName;
-    TensorView x, w, b;
-    bool has_x, has_w, has_b;
+    TensorView x, w, b, sc;
+    bool has_x, has_w, has_b, has_sc;
     OrtStatus* st = nullptr;
     if ((st = Input(ctx, op, 0, "X", false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &x, &has_x)) ||
         (st = Input(ctx, op, 1, "W", false, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, &w, &has_w)) ||
-        (st = Input(ctx, op, 2, "B", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &b, &has_b)))
+        (st = Input(ctx, op, 2, "B", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &b, &has_b)) ||
+        (st = Input(ctx, op, 3, "scale", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &sc, &has_sc)))
       return st;
     if (x.shape.empty() || x.shape.back() != in_features)
       return Error("fxshift.ShiftLinear: X has shape " + Join(x.shape) + ", its last dimension must be in_features=" +
@@ -300,6 +341,8 @@ struct ShiftLinearKernel {
                    std::to_string(bits) + " packs to " + std::to_string(words) + " words");
     if (has_b)
       if ((st = CheckBias(op, b, out_features))) return st;
+    if (has_sc)
+      if ((st = CheckBias(op, sc, out_features, "scale"))) return st;
     int64_t batch = 1;
     for (size_t i = 0; i + 1 < x.shape.size(); ++i)
       if (!MulOk(batch, x.shape[i], &batch)) return Error("fxshift.ShiftLinear: X shape " + Join(x.shape) + " is too large");
@@ -310,10 +353,13 @@ struct ShiftLinearKernel {
     float* y = nullptr;
     if ((st = Output(ctx, out_shape, &y))) return st;
     if (y_len == 0) return nullptr;
-    int status = fxs_shift_linear(static_cast<const float*>(x.data), x.count, batch, in_features,
-                                  static_cast<const uint32_t*>(w.data), w.count, out_features, static_cast<int>(bits),
-                                  static_cast<int>(has_zero), has_b ? static_cast<const float*>(b.data) : nullptr,
-                                  has_b ? b.count : 0, y, y_len);
+    const fxs_exec exec = OrtExec(ctx);
+    int status = fxs_shift_linear_ex(static_cast<const float*>(x.data), x.count, batch, in_features,
+                                     static_cast<const uint32_t*>(w.data), w.count, out_features,
+                                     static_cast<int>(bits), static_cast<int>(has_zero),
+                                     has_sc ? static_cast<const float*>(sc.data) : nullptr, has_sc ? sc.count : 0,
+                                     has_b ? static_cast<const float*>(b.data) : nullptr, has_b ? b.count : 0, y,
+                                     y_len, &exec);
     if (status != FXS_OK) return KernelStatus(op, status, "input " + Join(x.shape));
     return nullptr;
   }
@@ -327,12 +373,12 @@ struct Op : OrtCustomOp {
     version = ORT_API_VERSION;
     GetName = [](const OrtCustomOp*) { return Kernel::kName; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
       return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
-      return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+      return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };

@@ -2,6 +2,7 @@
 # Builds libfxshift and the onnxruntime plugin libfxshift_ort with AddressSanitizer + UBSan
 # (-DFXSHIFT_SANITIZE=ON) into build/sanitize-ort and runs the plugin's crafted-file tests
 # (tests/test_onnx_robustness.py: valid nodes vs onnxruntime's Conv, malformed nodes, 8 threads)
+# and tests/test_ort_scale_pool.py (the scale input, kernels on onnxruntime's intra-op pool)
 # in a Python that preloads the sanitizer runtimes. The test imports only numpy, onnx and
 # onnxruntime (no torch, --noconftest), so everything instrumented is fxshift's own code.
 # Exit status: nonzero if the build or a test fails or a sanitizer reports. Without onnxruntime's
@@ -41,5 +42,5 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:alloc_dealloc_mismatch=0:de
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 cd "$root"
 LD_PRELOAD="$preload" FXSHIFT_ORT_PLUGIN="$lib" FXSHIFT_NATIVE_DIR="$build/native" \
-  "$python" -m pytest tests/test_onnx_robustness.py -q --noconftest -p no:cacheprovider -p no:randomly "$@"
+  "$python" -m pytest tests/test_onnx_robustness.py tests/test_ort_scale_pool.py -q --noconftest -p no:cacheprovider -p no:randomly "$@"
 echo "plugin sanitizer run passed ($lib)"

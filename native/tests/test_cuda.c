@@ -51,6 +51,15 @@ int main(void)
     s.stride_w = 1;
     EXPECT(fxs_cuda_shift_conv2d(&s, x, 32, w, 6, 5, 1, bias, 2, y, 31, NULL), FXS_ERR_OUTPUT_SIZE);
     EXPECT(fxs_cuda_shift_conv2d(&s, x, 32, w, 6, 5, 1, bias, 2, y, 32, NULL), valid);
+    /* the scale variants: same checks, plus the scale length */
+    EXPECT(fxs_cuda_shift_linear_ex(x, 16, 2, 8, w, 8, 4, 5, 0, bias, 3, bias, 4, y, 8, NULL),
+           FXS_ERR_BIAS_SIZE);
+    EXPECT(fxs_cuda_shift_linear_ex(x, 16, 2, 8, w, 7, 4, 5, 0, bias, 4, bias, 4, y, 8, NULL),
+           FXS_ERR_WORD_COUNT);
+    EXPECT(fxs_cuda_shift_linear_ex(x, 16, 2, 8, w, 8, 4, 5, 0, bias, 4, bias, 4, y, 8, NULL), valid);
+    EXPECT(fxs_cuda_shift_conv2d_ex(&s, x, 32, w, 6, 5, 1, bias, 1, bias, 2, y, 32, NULL),
+           FXS_ERR_BIAS_SIZE);
+    EXPECT(fxs_cuda_shift_conv2d_ex(&s, x, 32, w, 6, 5, 1, bias, 2, bias, 2, y, 32, NULL), valid);
     printf("%s\n", failures ? "FAILED" : "ok");
     return failures ? 1 : 0;
 }

@@ -714,6 +714,196 @@ static void test_threads(void)
     free(w); free(x); free(cw); free(cx); free(cref); free(cy);
 }
 
+/* ---- per-channel scale and the caller's parallel-for (fxs_*_ex) -------------------------- */
+typedef struct {
+    int calls;     /* body invocations */
+    int64_t max_n; /* largest n asked for */
+    int threads;   /* 1: run on this thread (reversed order), 2: two pthreads */
+} test_runner;
+
+typedef struct {
+    fxs_body_fn body;
+    void *arg;
+    int64_t n, first;
+} body_slice;
+
+static void *run_slice(void *p)
+{
+    body_slice *b = (body_slice *)p;
+    int64_t i;
+    for (i = b->first; i < b->n; i += 2)
+        b->body(b->arg, i);
+    return NULL;
+}
+
+static void test_parallel_for(void *runner, int64_t n, fxs_body_fn body, void *arg)
+{
+    test_runner *r = (test_runner *)runner;
+    int64_t i;
+    if (n > r->max_n)
+        r->max_n = n;
+    r->calls += (int)n;
+    if (r->threads == 1) {
+        for (i = n - 1; i >= 0; --i)
+            body(arg, i);
+    } else {
+        pthread_t th;
+        body_slice a = {body, arg, n, 0}, b = {body, arg, n, 1};
+        pthread_create(&th, NULL, run_slice, &b);
+        run_slice(&a);
+        pthread_join(th, NULL);
+    }
+}
+
+/* y = fl(fl(y0 * s) + b) from the unbiased plain output y0 (rows of `plane` per channel). */
+static void expected_scaled(const float *y0, int64_t rows, int64_t ch, int64_t plane,
+                            const float *scale, const float *bias, float *out)
+{
+    int64_t r, o, i;
+    for (r = 0; r < rows; ++r)
+        for (o = 0; o < ch; ++o)
+            for (i = 0; i < plane; ++i) {
+                int64_t j = (r * ch + o) * plane + i;
+                volatile float t = y0[j] * scale[o];
+                out[j] = bias ? t + bias[o] : t;
+            }
+}
+
+static void test_scale_exec(void)
+{
+    int isas[4], nisa = isa_list(isas), t, e, wb;
+    /* linear: batch 1 (GEMV paths) and 7 (GEMM paths) */
+    int64_t Bs[2] = {1, 7}, bi;
+    const int64_t K = 300, O = 37;
+    int64_t words;
+    uint32_t *w = random_packed(O, K, 5, 1, &words);
+    float *x = random_floats(7 * K), *bias = random_floats(O), *scale = random_floats(O);
+    float *y0 = (float *)xmalloc(7 * O * 4), *y = (float *)xmalloc(7 * O * 4),
+          *want = (float *)xmalloc(7 * O * 4), *ye = (float *)xmalloc(7 * O * 4);
+    /* large enough (> FXS_PARALLEL_MIN_MACS) to run on the pool */
+    fxs_conv2d_shape s = conv_shape(2, 12, 16, 15, 20, 3, 3, 1, 1, 1, 1, 1, 1, 1);
+    int64_t cw_words, oh, ow, cny, cnx = 2 * 12 * 16 * 15;
+    uint32_t *cw = random_packed(20, 108, 5, 1, &cw_words);
+    float *cx = random_floats(cnx), *cb = random_floats(20), *cs = random_floats(20);
+    float *cy0, *cy, *cwant;
+    CHECK_ST(fxs_conv2d_output_size(&s, &oh, &ow), FXS_OK);
+    cny = 2 * 20 * oh * ow;
+    cy0 = (float *)xmalloc((size_t)cny * 4);
+    cy = (float *)xmalloc((size_t)cny * 4);
+    cwant = (float *)xmalloc((size_t)cny * 4);
+    for (t = 0; t < nisa; ++t) {
+        CHECK_ST(fxs_force_isa(isas[t]), FXS_OK);
+        for (bi = 0; bi < 2; ++bi) {
+            int64_t B = Bs[bi], ny = B * O;
+            CHECK_ST(fxs_shift_linear(x, B * K, B, K, w, words, O, 5, 1, NULL, 0, y0, ny), FXS_OK);
+            for (wb = 0; wb < 2; ++wb) {
+                expected_scaled(y0, B, O, 1, scale, wb ? bias : NULL, want);
+                memset(y, 0xff, (size_t)ny * 4);
+                CHECK_ST(fxs_shift_linear_ex(x, B * K, B, K, w, words, O, 5, 1, scale, O,
+                                             wb ? bias : NULL, O, y, ny, NULL),
+                         FXS_OK);
+                CHECK(memcmp(y, want, (size_t)ny * 4) == 0,
+                      "linear_ex %s B=%lld bias=%d: scale not applied as fl(fl(sum*s)+b)",
+                      fxs_isa_name(isas[t]), (long long)B, wb);
+            }
+            /* NULL scale: bit-identical to the plain entry point */
+            CHECK_ST(fxs_shift_linear(x, B * K, B, K, w, words, O, 5, 1, bias, O, want, ny), FXS_OK);
+            for (e = 1; e <= 2; ++e) {
+                test_runner r = {0, 0, e};
+                fxs_exec ex = {test_parallel_for, &r, e == 1 ? 3 : 0};
+                memset(y, 0xff, (size_t)ny * 4);
+                CHECK_ST(fxs_shift_linear_ex(x, B * K, B, K, w, words, O, 5, 1, NULL, 0, bias, O,
+                                             y, ny, &ex),
+                         FXS_OK);
+                CHECK(memcmp(y, want, (size_t)ny * 4) == 0,
+                      "linear_ex %s B=%lld on a caller pool (%d threads) differs",
+                      fxs_isa_name(isas[t]), (long long)B, e);
+                CHECK(r.max_n <= (e == 1 ? 3 : fxs_get_num_threads()),
+                      "parallel_for asked for %lld workers", (long long)r.max_n);
+            }
+        }
+        /* conv */
+        CHECK_ST(fxs_shift_conv2d(&s, cx, cnx, cw, cw_words, 5, 1, NULL, 0, cy0, cny), FXS_OK);
+        for (wb = 0; wb < 2; ++wb) {
+            expected_scaled(cy0, 2, 20, oh * ow, cs, wb ? cb : NULL, cwant);
+            memset(cy, 0xff, (size_t)cny * 4);
+            CHECK_ST(fxs_shift_conv2d_ex(&s, cx, cnx, cw, cw_words, 5, 1, cs, 20, wb ? cb : NULL,
+                                         20, cy, cny, NULL),
+                     FXS_OK);
+            CHECK(memcmp(cy, cwant, (size_t)cny * 4) == 0,
+                  "conv_ex %s bias=%d: scale not applied as fl(fl(sum*s)+b)",
+                  fxs_isa_name(isas[t]), wb);
+        }
+        CHECK_ST(fxs_shift_conv2d(&s, cx, cnx, cw, cw_words, 5, 1, cb, 20, cwant, cny), FXS_OK);
+        for (e = 1; e <= 2; ++e) {
+            test_runner r = {0, 0, e};
+            fxs_exec ex = {test_parallel_for, &r, e == 1 ? 3 : 2};
+            memset(cy, 0xff, (size_t)cny * 4);
+            CHECK_ST(fxs_shift_conv2d_ex(&s, cx, cnx, cw, cw_words, 5, 1, NULL, 0, cb, 20, cy,
+                                         cny, &ex),
+                     FXS_OK);
+            CHECK(memcmp(cy, cwant, (size_t)cny * 4) == 0,
+                  "conv_ex %s on a caller pool (%d threads) differs", fxs_isa_name(isas[t]), e);
+            CHECK(r.calls >= 1, "the caller's parallel_for was not used");
+            /* with scale on the caller pool too */
+            CHECK_ST(fxs_shift_conv2d_ex(&s, cx, cnx, cw, cw_words, 5, 1, cs, 20, cb, 20, cy,
+                                         cny, &ex),
+                     FXS_OK);
+            expected_scaled(cy0, 2, 20, oh * ow, cs, cb, cwant + 0);
+            CHECK(memcmp(cy, cwant, (size_t)cny * 4) == 0, "conv_ex %s scale+pool differs",
+                  fxs_isa_name(isas[t]));
+            CHECK_ST(fxs_shift_conv2d(&s, cx, cnx, cw, cw_words, 5, 1, cb, 20, cwant, cny), FXS_OK);
+        }
+    }
+    fxs_force_isa(FXS_ISA_AUTO);
+    /* the scaled scalar reference vs the double oracle (scale folded into the weights) */
+    {
+        double *ref = (double *)xmalloc(7 * O * 8), *mag = (double *)xmalloc(7 * O * 8);
+        float *wf = unpacked(w, words, O, K, 5, 1);
+        int64_t i, o, k;
+        int bad = 0;
+        for (o = 0; o < O; ++o)
+            for (k = 0; k < K; ++k)
+                wf[o * K + k] *= scale[o];
+        oracle_linear(x, wf, bias, 7, K, O, ref, mag);
+        CHECK_ST(fxs_force_isa(FXS_ISA_SCALAR), FXS_OK);
+        CHECK_ST(fxs_shift_linear_ex(x, 7 * K, 7, K, w, words, O, 5, 1, scale, O, bias, O, y,
+                                     7 * O, NULL),
+                 FXS_OK);
+        for (i = 0; i < 7 * O; ++i)
+            if (!close_enough(y[i], ref[i], mag[i]))
+                bad++;
+        CHECK(bad == 0, "scaled scalar linear vs oracle: %d mismatches", bad);
+        fxs_force_isa(FXS_ISA_AUTO);
+        free(ref); free(mag); free(wf);
+    }
+    /* bad arguments */
+    {
+        fxs_exec bad_ex = {test_parallel_for, NULL, -1};
+        CHECK_ST(fxs_shift_linear_ex(x, K, 1, K, w, words, O, 5, 1, scale, O - 1, NULL, 0, y, O,
+                                     NULL),
+                 FXS_ERR_BIAS_SIZE);
+        CHECK_ST(fxs_shift_linear_ex(x, K, 1, K, w, words, O, 5, 1, NULL, 0, NULL, 0, y, O,
+                                     &bad_ex),
+                 FXS_ERR_THREADS);
+        CHECK_ST(fxs_shift_conv2d_ex(&s, cx, cnx, cw, cw_words, 5, 1, cs, 21, NULL, 0, cy, cny,
+                                     NULL),
+                 FXS_ERR_BIAS_SIZE);
+        CHECK_ST(fxs_shift_conv2d_ex(NULL, cx, cnx, cw, cw_words, 5, 1, cs, 20, NULL, 0, cy, cny,
+                                     NULL),
+                 FXS_ERR_NULL_POINTER);
+        CHECK_ST(fxs_set_pool_spin_us(-1), FXS_ERR_THREADS);
+        CHECK_ST(fxs_set_pool_spin_us(100001), FXS_ERR_THREADS);
+    }
+    /* idle spinning changes nothing but timing */
+    CHECK_ST(fxs_set_pool_spin_us(50), FXS_OK);
+    CHECK_ST(fxs_shift_conv2d(&s, cx, cnx, cw, cw_words, 5, 1, cb, 20, cy, cny), FXS_OK);
+    CHECK(memcmp(cy, cwant, (size_t)cny * 4) == 0, "conv differs with a spinning pool");
+    CHECK_ST(fxs_set_pool_spin_us(0), FXS_OK);
+    free(w); free(x); free(bias); free(scale); free(y0); free(y); free(want); free(ye);
+    free(cw); free(cx); free(cb); free(cs); free(cy0); free(cy); free(cwant);
+}
+
 int main(void)
 {
     int isa;
@@ -728,6 +918,7 @@ int main(void)
     test_fixed_kernels();
     test_garbage_words();
     test_threads();
+    test_scale_exec();
     printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

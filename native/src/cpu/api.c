@@ -20,7 +20,7 @@ const char *fxs_status_message(int status)
     case FXS_ERR_WORD_COUNT: return "packed weight word count does not match rows * row_words(k, bits)";
     case FXS_ERR_INPUT_SIZE: return "input length does not match the given shape";
     case FXS_ERR_OUTPUT_SIZE: return "output length does not match the output shape";
-    case FXS_ERR_BIAS_SIZE: return "bias length does not match the number of outputs";
+    case FXS_ERR_BIAS_SIZE: return "bias (or scale) length does not match the number of outputs";
     case FXS_ERR_CONV_GEOMETRY:
         return "invalid conv geometry: stride/dilation must be >= 1, padding >= 0, and the "
                "output size positive";
@@ -209,6 +209,167 @@ int fxs_shift_linear_fixed(const int32_t *x, int64_t x_len, int64_t batch, int64
     a.frac_bits = frac_bits;
     a.y = y;
     return fxs_kernels_active()->linear_fixed(&a);
+}
+
+/* ---- scale and caller's pool (the _ex entry points) ------------------------------ */
+typedef struct {
+    float *y;
+    const float *scale, *bias;
+    int64_t channels, plane; /* y is (rows, channels, plane) */
+} scale_ctx;
+
+/* job = row * channels + o: y = fl(fl(y * scale[o]) + bias[o]) over one plane.
+ * api.c is built without FMA flags in ISO C (no contraction): two roundings. */
+static void scale_job(void *vctx, int64_t job, int tid)
+{
+    const scale_ctx *c = (const scale_ctx *)vctx;
+    int64_t o = job % c->channels, i;
+    float *y = c->y + job * c->plane;
+    const float s = c->scale[o], b = c->bias ? c->bias[o] : 0.0f;
+    (void)tid;
+    if (c->bias) {
+        for (i = 0; i < c->plane; ++i) {
+            float t = y[i] * s;
+            y[i] = t + b;
+        }
+    } else {
+        for (i = 0; i < c->plane; ++i)
+            y[i] = y[i] * s;
+    }
+}
+
+static void apply_scale(float *y, int64_t rows, int64_t channels, int64_t plane,
+                        const float *scale, const float *bias)
+{
+    scale_ctx c;
+    c.y = y;
+    c.scale = scale;
+    c.bias = bias;
+    c.channels = channels;
+    c.plane = plane;
+    fxs_parallel(rows * channels, rows * channels * plane < ((int64_t)1 << 16) ? 1 : FXS_MAX_THREADS,
+                 scale_job, &c);
+}
+
+/* The same for a linear's y (batch, O): one job per batch row. */
+typedef struct {
+    float *y;
+    const float *scale, *bias;
+    int64_t o;
+} row_scale_ctx;
+
+static void row_scale_job(void *vctx, int64_t b, int tid)
+{
+    const row_scale_ctx *c = (const row_scale_ctx *)vctx;
+    float *y = c->y + b * c->o;
+    int64_t i;
+    (void)tid;
+    for (i = 0; i < c->o; ++i) {
+        float t = y[i] * c->scale[i];
+        y[i] = c->bias ? t + c->bias[i] : t;
+    }
+}
+
+static int check_scale(const float *scale, int64_t scale_len, int64_t channels)
+{
+    if (scale && scale_len != channels)
+        return FXS_ERR_BIAS_SIZE;
+    return FXS_OK;
+}
+
+static int check_exec(const fxs_exec *exec)
+{
+    if (exec && (exec->max_threads < 0 || exec->max_threads > FXS_MAX_THREADS))
+        return FXS_ERR_THREADS;
+    return FXS_OK;
+}
+
+int fxs_shift_linear_ex(const float *x, int64_t x_len, int64_t batch, int64_t in_features,
+                        const uint32_t *w, int64_t w_words, int64_t out_features, int bits,
+                        int has_zero, const float *scale, int64_t scale_len, const float *bias,
+                        int64_t bias_len, float *y, int64_t y_len, const fxs_exec *exec)
+{
+    const fxs_kernels *kt = fxs_kernels_active();
+    fxs_linear_sizes sz;
+    fxs_linear_args a;
+    int st = fxs_check_linear(x, x_len, batch, in_features, w, w_words, out_features, bits,
+                              has_zero, bias, bias_len, y, y_len, &sz);
+    if (st != FXS_OK)
+        return st;
+    if ((st = check_scale(scale, scale_len, out_features)) != FXS_OK ||
+        (st = check_exec(exec)) != FXS_OK)
+        return st;
+    memset(&a, 0, sizeof a);
+    a.x = x;
+    a.batch = batch;
+    a.in_features = in_features;
+    a.out_features = out_features;
+    a.row_words = sz.row_words;
+    a.w = w;
+    a.bits = bits;
+    a.has_zero = has_zero;
+    a.bias = bias;
+    a.y = y;
+    fxs_set_thread_exec(exec);
+    if (scale && kt->isa == FXS_ISA_SCALAR) {
+        a.scale = scale;
+        st = kt->linear_f32(&a);
+    } else if (scale) {
+        a.bias = NULL;
+        st = kt->linear_f32(&a);
+        if (st == FXS_OK) {
+            row_scale_ctx c;
+            c.y = y;
+            c.scale = scale;
+            c.bias = bias;
+            c.o = out_features;
+            fxs_parallel(batch, batch * out_features < ((int64_t)1 << 16) ? 1 : FXS_MAX_THREADS,
+                         row_scale_job, &c);
+        }
+    } else {
+        st = kt->linear_f32(&a);
+    }
+    fxs_set_thread_exec(NULL);
+    return st;
+}
+
+int fxs_shift_conv2d_ex(const fxs_conv2d_shape *shape, const float *x, int64_t x_len,
+                        const uint32_t *w, int64_t w_words, int bits, int has_zero,
+                        const float *scale, int64_t scale_len, const float *bias,
+                        int64_t bias_len, float *y, int64_t y_len, const fxs_exec *exec)
+{
+    const fxs_kernels *kt = fxs_kernels_active();
+    fxs_conv_args a;
+    int st;
+    memset(&a, 0, sizeof a);
+    st = fxs_check_conv(shape, x, x_len, w, w_words, bits, has_zero, bias, bias_len, y, y_len,
+                        &a.z);
+    if (st != FXS_OK)
+        return st;
+    if ((st = check_scale(scale, scale_len, shape->out_channels)) != FXS_OK ||
+        (st = check_exec(exec)) != FXS_OK)
+        return st;
+    a.s = *shape;
+    a.x = x;
+    a.w = w;
+    a.bits = bits;
+    a.has_zero = has_zero;
+    a.bias = bias;
+    a.y = y;
+    fxs_set_thread_exec(exec);
+    if (scale && kt->isa == FXS_ISA_SCALAR) {
+        a.scale = scale;
+        st = kt->conv2d_f32(&a);
+    } else if (scale) {
+        a.bias = NULL;
+        st = kt->conv2d_f32(&a);
+        if (st == FXS_OK)
+            apply_scale(y, shape->n, shape->out_channels, a.z.out_h * a.z.out_w, scale, bias);
+    } else {
+        st = kt->conv2d_f32(&a);
+    }
+    fxs_set_thread_exec(NULL);
+    return st;
 }
 
 int fxs_shift_conv2d(const fxs_conv2d_shape *shape, const float *x, int64_t x_len,

@@ -269,7 +269,8 @@ static int avx2_gemv(const fxs_linear_args *a)
     c.g.ldy = a->out_features;
     c.fn = gemv_tab[a->bits - 2][a->has_zero][a->batch - 1];
     c.rows = a->out_features;
-    fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB, FXS_MAX_THREADS,
+    fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB,
+                 a->out_features * a->in_features * a->batch < FXS_PARALLEL_MIN_MACS ? 1 : FXS_MAX_THREADS,
                  gemv_job, &c);
     fxs_free(xp);
     return FXS_OK;
@@ -705,7 +706,8 @@ static int avx2_linear_fixed(const fxs_linear_args *a)
     c.g.ldy = a->out_features;
     c.fn = lfix_tab[a->bits - 2][a->has_zero];
     c.rows = a->out_features;
-    fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB, FXS_MAX_THREADS,
+    fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB,
+                 a->out_features * a->in_features * a->batch < FXS_PARALLEL_MIN_MACS ? 1 : FXS_MAX_THREADS,
                  lfix_job, &c);
     fxs_free(xp);
     return FXS_OK;
@@ -781,7 +783,7 @@ static void cfix_job(void *vctx, int64_t job, int tid)
 static int avx2_conv2d_fixed(const fxs_conv_args *a)
 {
     cfix_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t K = a->z.k, O = a->s.out_channels, P = a->z.out_h * a->z.out_w, o, k, i;
     int64_t nx = a->s.n * a->s.c * a->s.h * a->s.w;
     const int32_t *x = (const int32_t *)a->x;

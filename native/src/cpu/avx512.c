@@ -306,7 +306,8 @@ static int avx512_gemv(const fxs_linear_args *a)
     c.g = g;
     c.fn = gemv_tab[a->bits - 2][a->has_zero][a->batch - 1];
     c.rows = a->out_features;
-    fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB, FXS_MAX_THREADS,
+    fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB,
+                 a->out_features * a->in_features * a->batch < FXS_PARALLEL_MIN_MACS ? 1 : FXS_MAX_THREADS,
                  gemv_job, &c);
     fxs_free(xp);
     fxs_free(g);

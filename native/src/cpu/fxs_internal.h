@@ -28,6 +28,7 @@ typedef struct fxs_linear_args {
     const void *bias; /* may be NULL */
     int frac_bits;    /* fixed-point only */
     float *y;
+    const float *scale; /* float kernels, scalar table only (api.c applies it for the others) */
 } fxs_linear_args;
 
 /* Arguments of a conv2d call, already validated by api.c. */
@@ -40,6 +41,7 @@ typedef struct fxs_conv_args {
     const void *bias; /* may be NULL */
     int frac_bits;    /* fixed-point only */
     float *y;
+    const float *scale; /* float kernels, scalar table only (api.c applies it for the others) */
 } fxs_conv_args;
 
 /* One ISA's kernels.  Each returns FXS_OK or FXS_ERR_OUT_OF_MEMORY. */
@@ -69,13 +71,19 @@ void fxs_scalar_decode_row(const uint32_t *row, int64_t j0, int64_t n, int bits,
 
 /* ---- thread pool (threads.c) ----------------------------------------------
  * fxs_parallel runs fn(ctx, job, tid) for every job in [0, n_jobs) on up to
- * min(max_tids, fxs_get_num_threads(), n_jobs) threads, the caller's thread
+ * min(max_tids, fxs_planned_threads(), n_jobs) threads, the caller's thread
  * included; tid is in [0, max_tids) and unique among the threads running
  * concurrently, so callers index per-thread scratch by it.  Jobs are claimed
  * dynamically.  If the pool is in use by another caller, the jobs run on the
  * calling thread alone (tid 0).  Returns when every job has finished. */
 typedef void (*fxs_job_fn)(void *ctx, int64_t job, int tid);
 void fxs_parallel(int64_t n_jobs, int max_tids, fxs_job_fn fn, void *ctx);
+/* During an fxs_*_ex call, the caller's parallel-for (NULL: the own pool)
+ * serves this thread's fxs_parallel calls. */
+void fxs_set_thread_exec(const fxs_exec *exec);
+/* Threads the kernels plan scratch for: the exec's max_threads during an
+ * fxs_*_ex call with one, else fxs_get_num_threads(). */
+int fxs_planned_threads(void);
 
 /* ---- scratch memory -------------------------------------------------------- */
 void *fxs_alloc(size_t bytes);   /* 64-byte aligned, NULL on failure or overflow */

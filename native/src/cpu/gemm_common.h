@@ -30,6 +30,9 @@
 #include "fxs_internal.h"
 
 #define FXS_KC 256
+/* Below these sizes a call (or its input copy) stays on the calling thread. */
+#define FXS_PARALLEL_MIN_MACS ((int64_t)1 << 19)
+#define FXS_PARALLEL_MIN_COPY ((int64_t)1 << 16)
 
 /* Packs B rows [k0, k0 + kc) x columns [n0, n0 + nc) into NR-panels. */
 typedef void (*fxs_pack_b_fn)(const void *ctx, int64_t n0, int64_t nc, int64_t k0, int64_t kc,
@@ -303,7 +306,7 @@ static int fxs_linear_gemm(const fxs_linear_args *a, const fxs_gemm_isa *isa)
 {
     fxs_lin_gemm_ctx c;
     fxs_wt_ctx wt;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t mb;
     float *ap;
     memset(&c, 0, sizeof c);
@@ -416,7 +419,7 @@ static int fxs_conv2d_gemm(const fxs_conv_args *a, const fxs_gemm_isa *isa)
 {
     fxs_conv_apack_ctx pc;
     fxs_conv_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t K = a->z.k, Mg = a->z.o_per_group, P = a->z.out_h * a->z.out_w;
     int64_t panels = (Mg + isa->MR - 1) / isa->MR;
     fxs_conv_tap *taps;
@@ -602,7 +605,7 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     int MR, NR;
     fxs_direct_fill_ctx fc;
     fxs_direct_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     int64_t Hp = s->h + 2 * s->pad_h, Wp = s->w + 2 * s->pad_w, K = a->z.k, Mg = a->z.o_per_group;
     int64_t Hq = (Hp + s->stride_h - 1) / s->stride_h, Wq = (Wp + s->stride_w - 1) / s->stride_w;
     int64_t plane, chan_stride, img_floats, total, ci, ky, kx, k, nimg, n0;
@@ -612,6 +615,15 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     /* Sizes (all fit easily once the input fits; guard against huge padding). */
     if (Hq > ((int64_t)1 << 24) || Wq > ((int64_t)1 << 24) || s->stride_h > 8 || s->stride_w > 8)
         return 1;
+    /* A small conv runs on the calling thread: waking a pool costs more than it saves. */
+    {
+        int64_t macs;
+        if (!fxs_mul_ok(s->n * s->out_channels, a->z.out_h * a->z.out_w, &macs) ||
+            !fxs_mul_ok(macs, K, &macs))
+            macs = INT64_MAX;
+        if (macs < FXS_PARALLEL_MIN_MACS)
+            nt = 1;
+    }
     plane = Hq * Wq;
     /* Only the stride phases some tap reads are materialised (one for a 1x1 s2). */
     memset(phase_of, -1, sizeof phase_of);
@@ -708,7 +720,9 @@ static int fxs_conv2d_direct(const fxs_conv_args *a, const fxs_gemm_isa *isa)
     c.nimg = nimg;
     for (n0 = 0; n0 < s->n; n0 += nimg) {
         fc.n0 = c.n0 = n0;
-        fxs_parallel(nimg * s->c, nt, fxs_direct_fill_job, &fc);
+        /* the padded copy: on the pool only when it is large */
+        fxs_parallel(nimg * s->c, nimg * img_floats < FXS_PARALLEL_MIN_COPY ? 1 : nt,
+                     fxs_direct_fill_job, &fc);
         fxs_parallel(jobs, nt, fxs_direct_job, &c);
     }
 done:

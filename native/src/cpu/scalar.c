@@ -40,9 +40,16 @@ static void linear_f32_job(void *vctx, int64_t o, int tid)
     fxs_scalar_decode_row(a->w + o * a->row_words, 0, K, a->bits, a->has_zero, wrow);
     for (b = 0; b < a->batch; ++b) {
         const float *xb = x + b * K;
-        float acc = bias ? bias[o] : 0.0f;
+        /* Without a scale the sum starts from the bias; with one the bias
+         * comes after the scaling: y = fl(fl(sum * scale) + bias). */
+        float acc = (bias && !a->scale) ? bias[o] : 0.0f;
         for (k = 0; k < K; ++k)
             acc += wrow[k] * xb[k];
+        if (a->scale) {
+            acc = acc * a->scale[o];
+            if (bias)
+                acc = acc + bias[o];
+        }
         a->y[b * a->out_features + o] = acc;
     }
 }
@@ -68,7 +75,7 @@ static void linear_fixed_job(void *vctx, int64_t o, int tid)
 static int run_linear(const fxs_linear_args *a, fxs_job_fn fn)
 {
     lin_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     c.a = a;
     c.stride = (a->in_features + 15) & ~(int64_t)15;
     c.scratch = fxs_alloc(fxs_bytes3(nt, c.stride, 4));
@@ -117,7 +124,7 @@ static void conv_f32_job(void *vctx, int64_t job, int tid)
     fxs_scalar_decode_row(a->w + o * z->row_words, 0, z->k, a->bits, a->has_zero, wrow);
     for (oh = 0; oh < z->out_h; ++oh) {
         for (ow = 0; ow < z->out_w; ++ow) {
-            float acc = bias ? bias[o] : 0.0f;
+            float acc = (bias && !a->scale) ? bias[o] : 0.0f; /* see linear_f32_job */
             const float *wp = wrow;
             for (ci = 0; ci < z->c_per_group; ++ci) {
                 int64_t plane = ((n * s->c) + g * z->c_per_group + ci) * s->h * s->w;
@@ -128,6 +135,11 @@ static void conv_f32_job(void *vctx, int64_t job, int tid)
                             acc += *wp * x[idx];
                     }
                 }
+            }
+            if (a->scale) {
+                acc = acc * a->scale[o];
+                if (bias)
+                    acc = acc + bias[o];
             }
             y[oh * z->out_w + ow] = acc;
         }
@@ -170,7 +182,7 @@ static void conv_fixed_job(void *vctx, int64_t job, int tid)
 static int run_conv(const fxs_conv_args *a, fxs_job_fn fn)
 {
     conv_ctx c;
-    int nt = fxs_get_num_threads();
+    int nt = fxs_planned_threads();
     c.a = a;
     c.stride = (a->z.k + 15) & ~(int64_t)15;
     c.scratch = fxs_alloc(fxs_bytes3(nt, c.stride, 4));

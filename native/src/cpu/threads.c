@@ -20,12 +20,44 @@
 
 #include "fxs_internal.h"
 
-/* Idle workers and a waiting runner spin (pause) for SPIN_NS, then yield the
- * CPU between checks until YIELD_NS, then sleep on a condition variable:
- * back-to-back kernel calls start without a futex round trip, while other
- * threads (torch's, other processes') get the core soon. */
+/* A waiting runner spins (pause) for SPIN_NS, then yields the CPU between
+ * checks until YIELD_NS, then sleeps on a condition variable (it waits only
+ * for the last jobs of its own call).  Idle workers spin for idle_spin_ns
+ * (default 0: they sleep at once, so no spinning pool sits beside torch's or
+ * onnxruntime's threads between calls; fxs_set_pool_spin_us raises it). */
 #define SPIN_NS 20000L
 #define YIELD_NS 100000L
+#define MAX_IDLE_SPIN_US 100000
+
+static long idle_spin_ns = -1; /* atomic; -1: not read from the environment yet */
+
+/* The caller's parallel-for of the current fxs_*_ex call on this thread. */
+static __thread const fxs_exec *tls_exec;
+
+void fxs_set_thread_exec(const fxs_exec *exec) { tls_exec = exec; }
+
+static long idle_spin(void)
+{
+    long v = __atomic_load_n(&idle_spin_ns, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *s = getenv("FXSHIFT_POOL_SPIN_US");
+        char *end = NULL;
+        long us = s && *s ? strtol(s, &end, 10) : 0;
+        if (!s || !*s || end == s || *end != '\0' || us < 0 || us > MAX_IDLE_SPIN_US)
+            us = 0;
+        v = us * 1000L;
+        __atomic_store_n(&idle_spin_ns, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+int fxs_set_pool_spin_us(int us)
+{
+    if (us < 0 || us > MAX_IDLE_SPIN_US)
+        return FXS_ERR_THREADS;
+    __atomic_store_n(&idle_spin_ns, (long)us * 1000L, __ATOMIC_RELAXED);
+    return FXS_OK;
+}
 
 static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER; /* owns the pool during a run */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;     /* guards the condition waits */
@@ -122,21 +154,21 @@ static void *worker_main(void *arg)
     unsigned long seen = spawn_generation;
     for (;;) {
         unsigned long g;
-        long t0 = now_ns();
+        long t0 = now_ns(), spin_ns = idle_spin();
         int spins = 0;
-        /* Wait for the next generation: spin first, then sleep. */
+        /* Wait for the next generation: spin up to spin_ns, then sleep. */
         for (;;) {
             long dt;
             g = __atomic_load_n(&generation, __ATOMIC_ACQUIRE);
             if (g != seen || __atomic_load_n(&shutting_down, __ATOMIC_ACQUIRE))
                 break;
-            cpu_relax();
-            if (++spins % 64 != 0)
-                continue;
+            if (spin_ns > 0) {
+                cpu_relax();
+                if (++spins % 64 != 0)
+                    continue;
+            }
             dt = now_ns() - t0;
-            if (dt > SPIN_NS && dt <= YIELD_NS)
-                sched_yield();
-            if (dt > YIELD_NS) {
+            if (dt >= spin_ns) {
                 pthread_mutex_lock(&mu);
                 while ((g = __atomic_load_n(&generation, __ATOMIC_ACQUIRE)) == seen &&
                        !__atomic_load_n(&shutting_down, __ATOMIC_ACQUIRE))
@@ -194,17 +226,55 @@ static void ensure_workers(int want)
     }
 }
 
+/* A run on the caller's parallel-for: body(i) is worker i (tid i), taking
+ * jobs from a shared counter. */
+typedef struct ext_run {
+    fxs_job_fn fn;
+    void *ctx;
+    int64_t n_jobs;
+    int64_t next; /* atomic */
+} ext_run;
+
+static void ext_body(void *arg, int64_t i)
+{
+    ext_run *r = (ext_run *)arg;
+    int64_t j;
+    while ((j = __atomic_fetch_add(&r->next, 1, __ATOMIC_RELAXED)) < r->n_jobs)
+        r->fn(r->ctx, j, (int)i);
+}
+
+int fxs_planned_threads(void)
+{
+    const fxs_exec *e = tls_exec;
+    if (e && e->parallel_for && e->max_threads > 0)
+        return e->max_threads;
+    return resolved_threads();
+}
+
 void fxs_parallel(int64_t n_jobs, int max_tids, fxs_job_fn fn, void *ctx)
 {
     int64_t j;
     int nt;
+    const fxs_exec *e = tls_exec;
     if (n_jobs <= 0)
         return;
-    nt = resolved_threads();
+    nt = fxs_planned_threads();
     if (nt > max_tids)
         nt = max_tids;
     if ((int64_t)nt > n_jobs)
         nt = (int)n_jobs;
+    if (e && e->parallel_for && nt > 1) {
+        ext_run r;
+        r.fn = fn;
+        r.ctx = ctx;
+        r.n_jobs = n_jobs;
+        r.next = 0;
+        e->parallel_for(e->runner, nt, ext_body, &r);
+        /* Jobs a misbehaving parallel-for left out run here (tid 0 is free now). */
+        while ((j = __atomic_fetch_add(&r.next, 1, __ATOMIC_RELAXED)) < n_jobs)
+            fn(ctx, j, 0);
+        return;
+    }
     if (nt <= 1 || pthread_mutex_trylock(&run_mu) != 0) {
         for (j = 0; j < n_jobs; ++j)
             fn(ctx, j, 0);

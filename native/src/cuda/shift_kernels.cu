@@ -22,13 +22,25 @@
 
 namespace {
 
+/* y = sum + bias, or fl(fl(sum * scale) + bias) with a scale (no FMA contraction), as the CPU
+ * reference. */
+__device__ __forceinline__ float finish(float sum, const float *__restrict__ scale,
+                                        const float *__restrict__ bias, int64_t o)
+{
+    if (scale) {
+        float t = __fmul_rn(sum, scale[o]);
+        return bias ? __fadd_rn(t, bias[o]) : t;
+    }
+    return sum + (bias ? bias[o] : 0.0f);
+}
+
 constexpr int LIN_WARPS = 8;  // rows per block
 constexpr int LIN_BT = 4;     // batch rows per warp pass
 
 __global__ void linear_kernel(const float *__restrict__ x, int64_t batch, int64_t K,
                               const uint32_t *__restrict__ w, int64_t row_words, int64_t O,
-                              int bits, int has_zero, const float *__restrict__ bias,
-                              float *__restrict__ y)
+                              int bits, int has_zero, const float *__restrict__ scale,
+                              const float *__restrict__ bias, float *__restrict__ y)
 {
     const int lane = threadIdx.x & 31;
     const int per = 32 / bits;
@@ -61,7 +73,7 @@ __global__ void linear_kernel(const float *__restrict__ x, int64_t batch, int64_
                 for (int off = 16; off > 0; off >>= 1)
                     v += __shfl_down_sync(0xffffffffu, v, off);
                 if (lane == 0 && b0 + t < batch)
-                    y[(b0 + t) * O + o] = v + (bias ? bias[o] : 0.0f);
+                    y[(b0 + t) * O + o] = finish(v, scale, bias, o);
             }
         }
     }
@@ -77,6 +89,7 @@ struct ConvParams {
 
 __global__ void __launch_bounds__(256) conv_kernel(ConvParams p, const float *__restrict__ x,
                                                    const uint32_t *__restrict__ w,
+                                                   const float *__restrict__ scale,
                                                    const float *__restrict__ bias,
                                                    float *__restrict__ y)
 {
@@ -144,7 +157,7 @@ __global__ void __launch_bounds__(256) conv_kernel(ConvParams p, const float *__
                     for (int j = 0; j < 2; ++j) {
                         const int64_t q = p0 + tx + 16 * j;
                         if (q < P)
-                            y[(n * p.o + oc) * P + q] = acc[i][j] + (bias ? bias[oc] : 0.0f);
+                            y[(n * p.o + oc) * P + q] = finish(acc[i][j], scale, bias, oc);
                     }
                 }
             }
@@ -204,39 +217,53 @@ FXS_API int fxs_cuda_device_count(void)
     return n;
 }
 
+FXS_API int fxs_cuda_shift_linear_ex(const float *x, int64_t x_len, int64_t batch,
+                                     int64_t in_features, const uint32_t *w, int64_t w_words,
+                                     int64_t out_features, int bits, int has_zero,
+                                     const float *scale, int64_t scale_len, const float *bias,
+                                     int64_t bias_len, float *y, int64_t y_len, void *stream)
+{
+    fxs_linear_sizes sz;
+    int st = fxs_check_linear(x, x_len, batch, in_features, w, w_words, out_features, bits,
+                              has_zero, bias, bias_len, y, y_len, &sz);
+    const void *ptrs[5] = {x, w, bias, y, scale};
+    if (st != FXS_OK)
+        return st;
+    if (scale && scale_len != out_features)
+        return FXS_ERR_BIAS_SIZE;
+    if ((st = prepare_device(ptrs, 5)) != FXS_OK)
+        return st;
+    dim3 grid(clamp_grid((out_features + LIN_WARPS - 1) / LIN_WARPS, 0x7fffffff),
+              clamp_grid((batch + LIN_BT - 1) / LIN_BT, 65535));
+    linear_kernel<<<grid, LIN_WARPS * 32, 0, (cudaStream_t)stream>>>(
+        x, batch, in_features, w, sz.row_words, out_features, bits, has_zero, scale, bias, y);
+    return launch_status();
+}
+
 FXS_API int fxs_cuda_shift_linear(const float *x, int64_t x_len, int64_t batch,
                                   int64_t in_features, const uint32_t *w, int64_t w_words,
                                   int64_t out_features, int bits, int has_zero, const float *bias,
                                   int64_t bias_len, float *y, int64_t y_len, void *stream)
 {
-    fxs_linear_sizes sz;
-    int st = fxs_check_linear(x, x_len, batch, in_features, w, w_words, out_features, bits,
-                              has_zero, bias, bias_len, y, y_len, &sz);
-    const void *ptrs[4] = {x, w, bias, y};
-    if (st != FXS_OK)
-        return st;
-    if ((st = prepare_device(ptrs, 4)) != FXS_OK)
-        return st;
-    dim3 grid(clamp_grid((out_features + LIN_WARPS - 1) / LIN_WARPS, 0x7fffffff),
-              clamp_grid((batch + LIN_BT - 1) / LIN_BT, 65535));
-    linear_kernel<<<grid, LIN_WARPS * 32, 0, (cudaStream_t)stream>>>(
-        x, batch, in_features, w, sz.row_words, out_features, bits, has_zero, bias, y);
-    return launch_status();
+    return fxs_cuda_shift_linear_ex(x, x_len, batch, in_features, w, w_words, out_features, bits,
+                                    has_zero, NULL, 0, bias, bias_len, y, y_len, stream);
 }
 
-FXS_API int fxs_cuda_shift_conv2d(const fxs_conv2d_shape *shape, const float *x, int64_t x_len,
-                                  const uint32_t *w, int64_t w_words, int bits, int has_zero,
-                                  const float *bias, int64_t bias_len, float *y, int64_t y_len,
-                                  void *stream)
+FXS_API int fxs_cuda_shift_conv2d_ex(const fxs_conv2d_shape *shape, const float *x, int64_t x_len,
+                                     const uint32_t *w, int64_t w_words, int bits, int has_zero,
+                                     const float *scale, int64_t scale_len, const float *bias,
+                                     int64_t bias_len, float *y, int64_t y_len, void *stream)
 {
     fxs_conv_sizes z;
     ConvParams p;
     int st = fxs_check_conv(shape, x, x_len, w, w_words, bits, has_zero, bias, bias_len, y, y_len,
                             &z);
-    const void *ptrs[4] = {x, w, bias, y};
+    const void *ptrs[5] = {x, w, bias, y, scale};
     if (st != FXS_OK)
         return st;
-    if ((st = prepare_device(ptrs, 4)) != FXS_OK)
+    if (scale && scale_len != shape->out_channels)
+        return FXS_ERR_BIAS_SIZE;
+    if ((st = prepare_device(ptrs, 5)) != FXS_OK)
         return st;
     p.n = shape->n; p.c = shape->c; p.h = shape->h; p.w = shape->w; p.o = shape->out_channels;
     p.kh = shape->kh; p.kw = shape->kw; p.sh = shape->stride_h; p.sw = shape->stride_w;
@@ -248,8 +275,17 @@ FXS_API int fxs_cuda_shift_conv2d(const fxs_conv2d_shape *shape, const float *x,
     dim3 grid(clamp_grid((z.out_h * z.out_w + TP - 1) / TP, 0x7fffffff),
               clamp_grid(shape->groups * ((z.o_per_group + TO - 1) / TO), 65535),
               clamp_grid(shape->n, 65535));
-    conv_kernel<<<grid, block, 0, (cudaStream_t)stream>>>(p, x, w, bias, y);
+    conv_kernel<<<grid, block, 0, (cudaStream_t)stream>>>(p, x, w, scale, bias, y);
     return launch_status();
+}
+
+FXS_API int fxs_cuda_shift_conv2d(const fxs_conv2d_shape *shape, const float *x, int64_t x_len,
+                                  const uint32_t *w, int64_t w_words, int bits, int has_zero,
+                                  const float *bias, int64_t bias_len, float *y, int64_t y_len,
+                                  void *stream)
+{
+    return fxs_cuda_shift_conv2d_ex(shape, x, x_len, w, w_words, bits, has_zero, NULL, 0, bias,
+                                    bias_len, y, y_len, stream);
 }
 
 } // extern "C"
