@@ -117,6 +117,7 @@ class GatedConv2d(nn.Module):
         self.last_keep: Optional[torch.Tensor] = None
         self.last_shapes: Optional[tuple] = None
         self.source: Optional[str] = None   # the gated unit whose compact output this one reads
+        self.bn_layer: Optional[str] = None  # where the BatchNorm was in the original model (for the recipe)
 
     @property
     def in_channels(self) -> int:
@@ -197,20 +198,10 @@ class GatedConv2d(nn.Module):
         return y
 
     def _skip(self, x: torch.Tensor, in_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = select_filters(self.logits(x, in_idx))
-        batch = x.shape[0]
-        selected = keep[0] if batch == 1 else keep.any(dim=0)
-        idx = selected.nonzero().squeeze(1)
         scale, shift = self.affine()
-        weight = self.conv.weight.index_select(0, idx)
-        if in_idx is not None:
-            weight = weight.index_select(1, in_idx)
-        weight = weight * scale.index_select(0, idx).view(-1, 1, 1, 1)
-        y = F.conv2d(x, weight, shift.index_select(0, idx), self.conv.stride, self.conv.padding, self.conv.dilation)
-        if self.act is not None:
-            y = self.act(y)
-        if batch > 1:
-            y = y * keep.index_select(1, idx)[:, :, None, None].to(y.dtype)
+        y, idx, keep = skip_conv(x, in_idx, self.conv.weight, scale, shift, self.predictor.weight.flatten(1),
+                                 self.predictor.bias, self.conv.stride, self.conv.padding, self.conv.dilation,
+                                 self.act_name)
         self._record(keep, x, y)
         return y, idx
 
@@ -248,6 +239,33 @@ class GatedConv2d(nn.Module):
         return cls(conv, bn, act, target=spec["target"], threshold=spec.get("threshold"), ratio=spec.get("ratio"),
                    decoupled=spec.get("decoupled", True), gating=spec.get("gating", "skip"),
                    train_mask=spec.get("train_mask", False))
+
+
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda y: y, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
+}
+
+
+def skip_conv(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: torch.Tensor,
+              shift: torch.Tensor, predictor_weight: torch.Tensor, predictor_bias: torch.Tensor, stride: Any,
+              padding: Any, dilation: Any, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The skipping computation of a gated unit: (compact output, its channel indices, per-sample selection).
+
+    x holds the active input channels `in_idx` (all channels when None); only the selected filters'
+    weight rows (× BN scale) over those input channels are gathered and convolved."""
+    pooled = x.mean(dim=(2, 3))
+    pw = predictor_weight if in_idx is None else predictor_weight.index_select(1, in_idx)
+    keep = select_filters(F.linear(pooled, pw, predictor_bias))
+    selected = keep[0] if x.shape[0] == 1 else keep.any(dim=0)
+    idx = selected.nonzero().squeeze(1)
+    w = weight.index_select(0, idx)
+    if in_idx is not None:
+        w = w.index_select(1, in_idx)
+    w = w * scale.index_select(0, idx).view(-1, 1, 1, 1)
+    y = ACTIVATION_FUNCTIONS[act](F.conv2d(x, w, shift.index_select(0, idx), stride, padding, dilation))
+    if x.shape[0] > 1:
+        y = y * keep.index_select(1, idx)[:, :, None, None].to(y.dtype)
+    return y, idx, keep
 
 
 def set_unit_gating(unit: GatedConv2d, gating: str) -> None:
