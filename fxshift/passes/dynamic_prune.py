@@ -30,10 +30,11 @@ from ..report import ReportRow
 PASS_NAME = "DynamicPrunePass"
 
 #: Modules and functions that act on each channel alone and map zero to zero: they run on compact tensors.
-CHANNELWISE_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
-                       nn.Dropout2d, nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Tanh)
-CHANNELWISE_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.relu,
-                         torch.relu, F.relu6, F.dropout, F.silu, F.hardswish, F.gelu, torch.tanh}
+#: (Adaptive pooling is left out: torch.export cannot trace it on a data-dependent channel count.)
+CHANNELWISE_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.ReLU, nn.ReLU6,
+                       nn.SiLU, nn.Hardswish, nn.GELU, nn.Tanh)
+CHANNELWISE_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.relu, torch.relu, F.relu6, F.dropout, F.silu, F.hardswish,
+                         F.gelu, torch.tanh}
 
 #: Activation functions that fuse into a unit (module activations: fxshift.nn.gated.ACTIVATIONS).
 ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu",
