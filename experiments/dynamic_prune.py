@@ -43,6 +43,12 @@ from fxshift.data import fashion_mnist  # noqa: E402
 from fxshift.nn import set_gating  # noqa: E402
 from fxshift.train import mask_loss  # noqa: E402
 
+try:  # the timing helpers (fxshift/onnx/runtime.py; fxshift/latency.py before the issue-9 layout)
+    from fxshift.onnx.runtime import median_times, session, session_runner  # noqa: E402
+except ImportError:  # pragma: no cover
+    from fxshift.latency import interleaved_medians as median_times, session_runner  # noqa: E402
+    from fxshift.onnx.runtime import session  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------ models
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -110,9 +116,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,
-          mask_weight: float = 0.0, batch: int = 128) -> float:
-    """Adam with cosine decay; adds mask_weight · mask_loss when the model has gated units. Returns seconds."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+          mask_weight: float = 0.0, batch: int = 128, predictor_lr: float = 0.0) -> float:
+    """Adam with cosine decay; adds mask_weight · mask_loss when the model has gated units (whose
+    predictors get `predictor_lr`). Returns seconds."""
+    predictors = [p for n, p in model.named_parameters() if ".predictor." in n]
+    others = [p for n, p in model.named_parameters() if ".predictor." not in n]
+    groups = [{"params": others}] + ([{"params": predictors, "lr": predictor_lr or lr}] if predictors else [])
+    optimizer = torch.optim.Adam(groups, lr=lr)
     steps = epochs * ((len(x) + batch - 1) // batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     generator = torch.Generator().manual_seed(seed)
@@ -154,8 +164,6 @@ def mean_dynamic_macs(gm: nn.Module, x: torch.Tensor, batch: int = 500) -> float
 
 def latencies(dense: nn.Module, gm: nn.Module, images: torch.Tensor, args) -> dict[str, float]:
     """Median seconds per image at batch 1 of dense and gated (skip) in torch and onnxruntime, timed round-robin."""
-    from fxshift.onnx.runtime import median_times, session, session_runner
-
     samples = [images[i:i + 1] for i in range(len(images))]
     set_gating(gm, "skip")
     gm.eval()
@@ -206,6 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--finetune", type=int, default=1, help="fine-tuning epochs after the pass")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--predictor-lr", type=float, default=1e-2, help="Adam learning rate of the mask predictors")
     p.add_argument("--mask-weight", type=float, default=1.0, help="λ of the mask loss")
     p.add_argument("--train-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="fine-tune on the target-masked activations (GatedConv2d train_mask)")
@@ -240,7 +249,8 @@ def main(argv=None) -> int:
         for label, options in settings(args):
             torch.manual_seed(args.seed)
             gm = fxshift.apply(DynamicPrunePass(**options, train_mask=args.train_mask), dense, xt[:1])
-            tune = train(gm, data["x"], data["y"], args.finetune, args.finetune_lr, args.seed + 1, args.mask_weight)
+            tune = train(gm, data["x"], data["y"], args.finetune, args.finetune_lr, args.seed + 1, args.mask_weight,
+                         predictor_lr=args.predictor_lr)
             set_gating(gm, "mask")
             acc = evaluate(gm, xt, yt)
             macs = mean_dynamic_macs(gm, xt)
@@ -270,7 +280,8 @@ def main(argv=None) -> int:
 def markdown(rows: list[dict], args, seconds: float) -> str:
     lines = [f"# Dynamic pruning (FTWT) with real skipping, Fashion-MNIST", "",
              f"{args.train} training / {args.test} test images, dense {args.epochs} epochs, fine-tune {args.finetune} "
-             f"epoch(s) with cross-entropy + {args.mask_weight}·mask_loss (train_mask={args.train_mask}), "
+             f"epoch(s) (Adam, lr {args.finetune_lr}, predictors {args.predictor_lr}) with cross-entropy + "
+             f"{args.mask_weight}·mask_loss (train_mask={args.train_mask}), "
              f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}; "
              f"latency: median of {args.rounds} round-robin rounds over {args.latency_images} test images at batch 1; "
              f"speed-up = dense time / gated (skip) time. Total {seconds / 60:.1f} min.", "",

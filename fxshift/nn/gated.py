@@ -105,9 +105,9 @@ class GatedConv2d(nn.Module):
         self.act = ACTIVATIONS[self.act_name]() if act is not None else None
         param = conv.weight
         self.predictor = nn.Conv2d(conv.in_channels, conv.out_channels, 1, device=param.device, dtype=param.dtype)
-        with torch.no_grad():  # start with every filter on: the predictor learns what to switch off
-            self.predictor.weight.mul_(0.01)
-            self.predictor.bias.fill_(1.0)
+        with torch.no_grad():  # start with every filter on (the unit equals the dense layers); training
+            self.predictor.weight.zero_()  # moves each logit by its own targets, so zeros break no symmetry
+            self.predictor.bias.fill_(0.1)
         self.decoupled = bool(decoupled)
         self.train_mask = bool(train_mask)
         self.gating = gating
