@@ -231,7 +231,7 @@ def test_onnx_export_needs_batch_one(tmp_path):
 
 @pytest.mark.parametrize("factory", [torchvision.models.resnet18, torchvision.models.mobilenet_v2])
 def test_torchvision_models(factory):
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     model = factory(num_classes=10).eval()
     gm = randomize(fxshift.apply(DynamicPrunePass(), model, x[:1]), bias=1.0)
     assert len(gated_units(gm)) > 10

@@ -20,7 +20,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..context import example_inputs_of, report_of
-from ..costs import input_shapes, layer_macs, parameter_count
+from ..costs import input_shapes, parameter_count
 from ..errors import ConfigError, RecipeError
 from ..graph import LayerFilter, Selector, replace_module
 from ..nn.gated import ACTIVATIONS, GATINGS, GatedConv2d, gated_units, scatter_channels
@@ -103,8 +103,9 @@ class DynamicPrunePass(PassBase):
             row = ReportRow(name, PASS_NAME, "gated", params_before=before, params_after=parameter_count(unit),
                             extra={"gate": self._setting(), "bn": plan["bn"] or "-", "act": plan["act"]})
             if name in shapes:
-                dense = layer_macs(conv, shapes[name])
                 out_hw = _out_hw(conv, shapes[name])
+                dense = conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * \
+                    out_hw[0] * out_hw[1]
                 row.macs_before, row.macs_after = dense, unit.static_macs(out_hw)
                 row.reason = "MACs after: dense + predictor; per-sample MACs: fxshift.dynamic_macs"
             report.add(row)
