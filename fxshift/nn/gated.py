@@ -60,7 +60,7 @@ def scatter_channels(y: torch.Tensor, idx: Optional[torch.Tensor], channels: int
     if idx is None:
         return y
     shape = (y.shape[0], channels) + tuple(y.shape[2:])
-    if torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling():  # torch.onnx.export (dynamo): one op with a static output shape
         from ..ops import gated_ops
 
         return gated_ops.scatter_channels(y, idx, channels)
@@ -68,7 +68,7 @@ def scatter_channels(y: torch.Tensor, idx: Optional[torch.Tensor], channels: int
 
 
 def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    return torch.compiler.is_compiling()   # also true under torch.onnx.export (dynamo); cheap to ask
 
 
 class GatedConv2d(nn.Module):
@@ -113,6 +113,7 @@ class GatedConv2d(nn.Module):
         self.gating = gating
         set_unit_gating(self, gating)
         self.last_loss: Optional[torch.Tensor] = None
+        self._folded: Optional[tuple] = None
         self.recording = False          # dynamic_macs turns this on to read last_keep / last_shapes
         self.last_keep: Optional[torch.Tensor] = None
         self.last_shapes: Optional[tuple] = None
@@ -182,7 +183,7 @@ class GatedConv2d(nn.Module):
             y = self._dense(x) * keep[:, :, None, None].to(x.dtype)
             self._record(keep, x, y)
             return y, None
-        if torch.onnx.is_in_onnx_export():
+        if torch.compiler.is_compiling():
             from ..ops import gated_ops
 
             return gated_ops.gated_conv2d(self, x, in_idx)
@@ -197,9 +198,25 @@ class GatedConv2d(nn.Module):
             y = y * targets[:, :, None, None]
         return y
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight × BN scale, shift): the eval-mode conv, cached until a parameter or statistic changes."""
+        tensors = [t for t in (self.conv.weight, self.conv.bias, *(
+            (self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var) if self.bn is not None else ()))
+            if t is not None]
+        key = tuple((id(t), t._version) for t in tensors)
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                scale, shift = self.affine()
+                self._folded = (key, self.conv.weight * scale.view(-1, 1, 1, 1), shift)
+        return self._folded[1], self._folded[2]
+
     def _skip(self, x: torch.Tensor, in_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, shift = self.affine()
-        y, idx, keep = skip_conv(x, in_idx, self.conv.weight, scale, shift, self.predictor.weight.flatten(1),
+        if torch.is_grad_enabled():     # differentiable (no cache)
+            scale, shift = self.affine()
+            weight = self.conv.weight * scale.view(-1, 1, 1, 1)
+        else:
+            weight, shift = self.folded()
+        y, idx, keep = skip_conv(x, in_idx, weight, None, shift, self.predictor.weight.flatten(1),
                                  self.predictor.bias, self.conv.stride, self.conv.padding, self.conv.dilation,
                                  self.act_name)
         self._record(keep, x, y)
@@ -246,7 +263,7 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def skip_conv(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: torch.Tensor,
+def skip_conv(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: Optional[torch.Tensor],
               shift: torch.Tensor, predictor_weight: torch.Tensor, predictor_bias: torch.Tensor, stride: Any,
               padding: Any, dilation: Any, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The skipping computation of a gated unit: (compact output, its channel indices, per-sample selection).
@@ -261,7 +278,8 @@ def skip_conv(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Ten
     w = weight.index_select(0, idx)
     if in_idx is not None:
         w = w.index_select(1, in_idx)
-    w = w * scale.index_select(0, idx).view(-1, 1, 1, 1)
+    if scale is not None:   # else the BN scale is already folded into weight
+        w = w * scale.index_select(0, idx).view(-1, 1, 1, 1)
     y = ACTIVATION_FUNCTIONS[act](F.conv2d(x, w, shift.index_select(0, idx), stride, padding, dilation))
     if x.shape[0] > 1:
         y = y * keep.index_select(1, idx)[:, :, None, None].to(y.dtype)
