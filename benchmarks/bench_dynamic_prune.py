@@ -21,11 +21,7 @@ from fxshift.nn.gated import gated_units
 
 from conftest import QUICK
 
-try:
-    from fxshift.onnx.runtime import median_times, session, session_runner
-except ImportError:  # before the issue-9 layout
-    from fxshift.latency import interleaved_medians as median_times, session_runner
-    from fxshift.onnx.runtime import session
+from fxshift.onnx.runtime import median_times, session, session_runner, torch_runner
 
 IMAGE = 32 if QUICK else 64
 ROUNDS = 5 if QUICK else 20
@@ -57,13 +53,6 @@ def gated(model: nn.Module, x: torch.Tensor, active: float) -> torch.fx.GraphMod
     return gm.eval()
 
 
-def torch_runner(model, x):
-    def run():
-        with torch.inference_mode():
-            return model(x)
-    return run
-
-
 ACTIVE = [0.5] if QUICK else [0.25, 0.5, 0.75]
 
 
@@ -87,8 +76,8 @@ def test_gated_vgg_latency(benchmark, active, dense_files, tmp_path):
         mask_model = set_gating(fxshift.apply([], gm), "mask")   # a copy with dense compute
         with torch.no_grad():
             assert torch.allclose(skip_model(x), mask_model(x), rtol=1e-4, atol=1e-5)
-        runners = {"dense": torch_runner(dense, x), "skip": torch_runner(skip_model, x),
-                   "mask": torch_runner(mask_model, x)}
+        runners = {"dense": torch_runner(dense, (x,)), "skip": torch_runner(skip_model, (x,)),
+                   "mask": torch_runner(mask_model, (x,))}
         files = {"ort dense": dense_onnx,
                  "ort skip": fxshift.export_onnx(gm, x, tmp_path / "gated.onnx", dynamic_batch=False)}
         sessions = {k: session(str(p), plugin=False, threads=1) for k, p in files.items()}

@@ -38,16 +38,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxshift  # noqa: E402
-from fxshift.passes.dynamic_prune import DynamicPrunePass  # noqa: E402
+from fxshift import DynamicPrunePass  # noqa: E402
 from fxshift.data import fashion_mnist  # noqa: E402
 from fxshift.nn import set_gating  # noqa: E402
 from fxshift.train import mask_loss  # noqa: E402
 
-try:  # the timing helpers (fxshift/onnx/runtime.py; fxshift/latency.py before the issue-9 layout)
-    from fxshift.onnx.runtime import median_times, session, session_runner  # noqa: E402
-except ImportError:  # pragma: no cover
-    from fxshift.latency import interleaved_medians as median_times, session_runner  # noqa: E402
-    from fxshift.onnx.runtime import session  # noqa: E402
+from fxshift.onnx.runtime import median_times, session, session_runner  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ models
