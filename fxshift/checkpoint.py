@@ -32,7 +32,13 @@ def recipe(gm: torch.nn.Module) -> dict[str, Any]:
     for name, module in gm.named_modules():
         if name and type(module) in STRUCTURES.values():
             layers.append({"layer": name, **module.spec()})
-    return {"format": FORMAT, "version": VERSION, "layers": layers}
+    out = {"format": FORMAT, "version": VERSION, "layers": layers}
+    from .passes.dynamic_prune import unit_recipe
+
+    gated = unit_recipe(gm)
+    if gated:  # gated units (DynamicPrunePass) fuse conv + BN + activation nodes: rebuilt on the graph
+        out["gated"] = gated
+    return out
 
 
 def save(gm: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -94,6 +100,10 @@ def load(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = 
     inputs = example_inputs if example_inputs is None or isinstance(example_inputs, tuple) else (example_inputs,)
     gm = trace(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     rebuild(gm, parsed["layers"])
+    if parsed.get("gated"):
+        from .passes.dynamic_prune import rebuild_units
+
+        rebuild_units(gm, parsed["gated"])
     try:
         gm.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -3,8 +3,9 @@
     python -m fxshift.demo [--epochs 2] [--train-samples 20000]
 
 Stages: train in float → TuckerDecomposePass(0.5) → fine-tune → RecomposePass (the original
-architecture again); DeepShift-Q 5-bit on the float model and on the fine-tuned Tucker model, each
-fine-tuned and frozen to packed 5-bit codes. Each row: test accuracy, parameters, MACs, weight
+architecture again); DynamicPrunePass (FTWT, mass 0.9) on the float model, fine-tuned with the mask
+loss (its MACs: per sample on the example image, predictors included); DeepShift-Q 5-bit on the float
+model and on the fine-tuned Tucker model, each fine-tuned and frozen to packed 5-bit codes. Each row: test accuracy, parameters, MACs, weight
 bytes, CPU latency (batch 1, median of interleaved runs). Last, the fully compressed model is
 exported to ONNX and run in onnxruntime with fxshift's plugin and through the function bodies.
 """
@@ -36,6 +37,13 @@ class Stage:
     accuracy: float
 
 
+def _macs(model: nn.Module, example: torch.Tensor) -> float:
+    """Static MACs; for a gated (dynamically pruned) model the per-sample count on `example`, predictors included."""
+    if any(isinstance(m, fxshift.nn.GatedConv2d) for m in model.modules()):
+        return float(fxshift.dynamic_macs(model, example).mean())
+    return fxshift.macs(model, example)
+
+
 def stage_table(stages: list[Stage], example: torch.Tensor) -> str:
     """Accuracy, parameters, MACs and interleaved CPU latency (batch 1) of each stage."""
     latency = median_times({s.name: torch_runner(s.model, (example,)) for s in stages}, rounds=50)
@@ -43,7 +51,7 @@ def stage_table(stages: list[Stage], example: torch.Tensor) -> str:
     base_macs = fxshift.macs(base.model, example)
     rows = []
     for s in stages:
-        params, macs = fxshift.parameter_count(s.model), fxshift.macs(s.model, example)
+        params, macs = fxshift.parameter_count(s.model), _macs(s.model, example)
         rows.append({"stage": s.name, "accuracy %": f"{s.accuracy:.2f}", "params": f"{params / 1e3:.1f}k",
                      "MACs": f"{macs / 1e6:.2f}M", "weights kB": f"{state_bytes(s.model) / 1e3:.1f}",
                      "latency ms": f"{1e3 * latency[s.name]:.3f}", "MACs vs float": f"{base_macs / macs:.2f}x",
@@ -87,6 +95,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     original_again = small_cnn()
     original_again.load_state_dict(recomposed.state_dict())
     stages.append(Stage("recomposed", original_again.eval(), accuracy(original_again, test_loader)))
+
+    # FTWT dynamic pruning (docs/methods.md §9): per-input filter skipping, fine-tuned with the mask loss.
+    gated = fxshift.apply([fxshift.DynamicPrunePass(threshold=0.9, train_mask=True)], model, example)
+    train_epochs(gated, train_loader, args.finetune_epochs, lr=3e-3, desc="dynamic-prune fine-tune",
+                 extra_loss=fxshift.train.mask_loss)
+    stages.append(Stage("dynamic-prune(mass 0.9)", gated, accuracy(gated, test_loader)))
 
     for name, start in (("shift-q5", model), ("tucker+shift-q5", tuned)):
         shifted = fxshift.apply([fxshift.ShiftQuantizePass(mode="q", weight_bits=args.weight_bits)], start, example)

@@ -77,8 +77,10 @@ def _translation_table() -> dict:
         return fx.ShiftLinear(x, words, bias, in_features=int(in_features), out_features=int(out_features),
                               bits=int(bits), has_zero=int(bool(has_zero)))
 
+    from .gated import translation_table as gated_table
+
     return {torch.ops.fxshift.shift_conv2d.default: shift_conv2d,
-            torch.ops.fxshift.shift_linear.default: shift_linear}
+            torch.ops.fxshift.shift_linear.default: shift_linear, **gated_table()}
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -94,6 +96,12 @@ def _frozen(model: nn.Module) -> nn.Module:
     if any(isinstance(m, SHIFT_LAYERS) for m in model.modules()):
         return freeze(model)
     return model
+
+
+def _has_gated_units(model: nn.Module) -> bool:
+    from ..nn.gated import GatedConv2d
+
+    return any(isinstance(m, GatedConv2d) for m in model.modules())
 
 
 def _check(model) -> None:
@@ -127,6 +135,11 @@ def to_model_proto(model: nn.Module, example_inputs: Any, *, target: str = "fxsh
         raise ExportError(f"opset must be >= {functions.MIN_OPSET} (the fxshift function bodies use BitwiseAnd), "
                           f"got {opset}")
     inputs = _as_tuple(example_inputs)
+    if _has_gated_units(model):  # per-input channel counts: one sample per run
+        if any(t.dim() == 0 or t.shape[0] != 1 for t in inputs):
+            raise ExportError("a model with gated units (DynamicPrunePass) exports at batch 1: give example inputs "
+                              "with one sample (the file then takes batch 1 only)")
+        dynamic_batch = False
     frozen = _frozen(model) if freeze else model
     was_training = frozen.training
     try:

@@ -1,6 +1,7 @@
 """One pass per file. Every pass is a torch.fx PassBase: `call(gm) -> PassResult`, and declares the
 `cli_name` that `fxshift compress --pass NAME:...` knows it by."""
 from .cp import CPDecomposePass
+from .dynamic_prune import DynamicPrunePass
 from .decompose_base import DecompositionPass
 from .freeze import FreezePass
 from .recompose import RecomposePass
@@ -10,3 +11,4 @@ from .tucker import TuckerDecomposePass
 
 __all__ = ["DecompositionPass", "RecomposePass", "TuckerDecomposePass", "ShiftQuantizePass", "FreezePass",
            "CPDecomposePass", "SpatialSVDPass"]
+__all__ += ["DynamicPrunePass"]

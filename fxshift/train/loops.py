@@ -10,8 +10,10 @@ from tqdm.auto import tqdm
 
 
 def train_epochs(model: nn.Module, loader: DataLoader, epochs: int, lr: float, desc: str,
-                 make_optimizer: Optional[Callable] = None) -> None:
-    """Train with AdamW and a one-cycle schedule over `epochs`, a progress bar per epoch."""
+                 make_optimizer: Optional[Callable] = None,
+                 extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> None:
+    """Train with AdamW and a one-cycle schedule over `epochs`, a progress bar per epoch;
+    `extra_loss(model)` (e.g. fxshift.train.mask_loss) is added to the cross-entropy after each forward."""
     optimizer = (make_optimizer or (lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=1e-4)))(model.parameters())
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss()
@@ -21,6 +23,8 @@ def train_epochs(model: nn.Module, loader: DataLoader, epochs: int, lr: float, d
         for x, y in bar:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
             loss.backward()
             optimizer.step()
             schedule.step()

@@ -1,0 +1,1 @@
+"""Pruning logic without module swapping: removable blocks, importance criteria, mask targets."""

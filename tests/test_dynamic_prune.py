@@ -1,0 +1,242 @@
+"""DynamicPrunePass: structure, skip == mask, per-sample MACs, save/load, ONNX, errors, torchvision models."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxshift
+from fxshift import ConfigError, DynamicPrunePass
+from fxshift.nn import GatedConv2d, set_gating
+from fxshift.nn.gated import gated_units
+from fxshift.train import mask_loss
+
+
+def vgg(width=16):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+                         nn.MaxPool2d(2),
+                         nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+                         nn.Conv2d(2 * width, 3 * width, 3, padding=1, stride=2), nn.BatchNorm2d(3 * width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3 * width, 10)).eval()
+
+
+def randomize(gm, seed=0, bias=0.3):
+    """Give predictors and BN statistics random values, so units switch filters on and off."""
+    g = torch.Generator().manual_seed(seed)
+    for _, unit in gated_units(gm):
+        unit.predictor.weight.data.normal_(0, 1, generator=g)
+        unit.predictor.bias.data.normal_(0, bias, generator=g)
+        if unit.bn is not None:
+            unit.bn.running_mean.uniform_(-0.3, 0.3, generator=g)
+            unit.bn.running_var.uniform_(0.5, 2.0, generator=g)
+    return gm.eval()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def skip_and_mask(gm, x):
+    set_gating(gm, "skip")
+    with torch.no_grad():
+        skip = gm(x)
+        set_gating(gm, "mask")
+        mask = gm(x)
+    set_gating(gm, "skip")
+    return skip, mask
+
+
+def test_structure_and_report():
+    model = vgg()
+    x = torch.randn(1, 3, 16, 16)
+    before = copy.deepcopy(model.state_dict())
+    gm = fxshift.apply(DynamicPrunePass(), model, x)
+    assert not any(isinstance(m, GatedConv2d) for m in model.modules())               # caller's model untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    units = gated_units(gm)
+    assert [n for n, _ in units] == ["3", "7", "10"]                                    # first conv left alone
+    assert [u.source for _, u in units] == [None, "3", "7"]                             # compact through MaxPool2d
+    assert all(u.bn is not None and u.act_name == "relu" for _, u in units)
+    rows = {r["layer"]: r for r in fxshift.report(gm).to_dicts()}
+    assert rows["0"]["action"] == "skipped" and "first conv" in rows["0"]["reason"]
+    assert rows["3"]["action"] == "gated" and rows["3"]["gate"] == "mass:0.9" and rows["3"]["reads"] == "full input"
+    assert rows["7"]["reads"] == "3"
+    assert rows["3"]["macs_before"] == 32 * 16 * 9 * 256
+    assert rows["3"]["macs_after"] == 32 * 16 * (9 * 256 + 1)
+    # before fine-tuning the predictors keep every filter: the gated model is the dense model
+    with torch.no_grad():
+        assert rel(gm(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_skip_equals_mask(batch):
+    gm = randomize(fxshift.apply(DynamicPrunePass(), vgg(), torch.randn(1, 3, 16, 16)))
+    x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    skip, mask = skip_and_mask(gm, x)
+    assert rel(skip, mask) < 1e-5
+    macs = fxshift.dynamic_macs(gm, x)
+    assert (macs < fxshift.macs(vgg(), x) * 0.9).all()                                   # something was skipped
+
+
+def test_first_conv_gated_when_included():
+    gm = fxshift.apply(DynamicPrunePass(include=["0", "3"]), vgg(), torch.randn(1, 3, 16, 16))
+    assert [n for n, _ in gated_units(gm)] == ["0", "3"]
+    assert gm.get_submodule("3").source == "0"
+
+
+class Tiny(nn.Module):
+    """conv0 (first, not gated) → unit A (4→8, 3×3, BN, ReLU) → unit B (8→6, 1×1, BN) → pool → linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.a, self.bn_a = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(self.conv0(x))))
+        return self.fc(self.bn_b(self.b(y)).mean((2, 3)))
+
+
+def test_dynamic_macs_hand_count():
+    x = torch.randn(1, 1, 6, 6)
+    x = torch.cat([x, -x])      # conv0 has no bias: its pooled channel 0 flips sign between the samples
+    gm = fxshift.apply(DynamicPrunePass(), Tiny().eval(), x)
+    a, b = gm.get_submodule("a"), gm.get_submodule("b")
+    assert b.source == "a" and b.act_name == "none"
+    with torch.no_grad():
+        a.predictor.weight.zero_()
+        a.predictor.bias.copy_(torch.tensor([1., 1., -1., -1., -1., 1., -1., 0.]))
+        a.predictor.weight[7, 0] = 100.0                     # filter 7 on for exactly one of the samples
+        b.predictor.weight.zero_()
+        b.predictor.bias.copy_(torch.tensor([1., -1., 1., -1., -1., -1.]))
+    with torch.no_grad():
+        on = bool(gm.get_submodule("conv0")(x[:1])[0, 0].mean() > 0)
+    macs = fxshift.dynamic_macs(gm.eval(), x)
+    conv0, linear = 4 * 9 * 36, 6 * 10
+    def count(n_a):   # A reads all 4 channels; B reads A's n_a active channels and keeps 2 filters
+        unit_a = n_a * 4 * 9 * 36 + 4 * 36 + 4 * 8
+        unit_b = 2 * n_a * 1 * 36 + n_a * 36 + n_a * 6
+        return conv0 + unit_a + unit_b + linear
+    expected = [count(4), count(3)] if on else [count(3), count(4)]
+    assert macs.tolist() == expected
+    assert count(3) == 5762 and count(4) == 7172
+    skip, mask = skip_and_mask(gm, x)
+    assert rel(skip, mask) < 1e-5
+
+
+def test_decoupled_gradients_reach_only_predictors():
+    gm = fxshift.apply(DynamicPrunePass(), vgg(), torch.randn(1, 3, 16, 16)).train()
+    gm(torch.randn(4, 3, 16, 16))
+    mask_loss(gm).backward()
+    for name, p in gm.named_parameters():
+        if ".predictor." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+
+
+def test_coupled_gradients_reach_earlier_layers():
+    gm = randomize(fxshift.apply(DynamicPrunePass(decoupled=False), vgg(), torch.randn(1, 3, 16, 16))).train()
+    gm(torch.randn(4, 3, 16, 16))
+    mask_loss(gm).backward()
+    assert gm.get_submodule("3").conv.weight.grad.abs().sum() > 0     # read by unit 7's predictor
+
+
+def test_mask_loss_on_gm_errors():
+    gm = fxshift.apply(DynamicPrunePass(), vgg(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(ConfigError, match="training-mode forward"):
+        mask_loss(gm)
+    with pytest.raises(ConfigError, match="no gated units"):
+        mask_loss(fxshift.apply([], vgg(), torch.randn(1, 3, 16, 16)))
+    with pytest.raises(ConfigError, match="no gated units"):
+        fxshift.dynamic_macs(vgg(), torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(threshold=0.0), r"threshold must be .*\(0, 1\]"),
+    (dict(threshold=1.01), r"threshold must be"),
+    (dict(target="uniform", ratio=1.0), r"ratio must be .*\(0, 1\)"),
+    (dict(target="uniform", ratio=-0.5), r"ratio must be"),
+    (dict(target="uniform", threshold=0.8), r"belongs to target='mass'"),
+    (dict(ratio=0.5), r"belongs to target='uniform'"),
+    (dict(target="random"), r"unknown target 'random'"),
+    (dict(gating="dense"), r"gating must be"),
+])
+def test_pass_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DynamicPrunePass(**kwargs)
+
+
+def test_uniform_target_trains_towards_ratio():
+    gm = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.25), vgg(), torch.randn(1, 3, 16, 16)).train()
+    gm(torch.randn(2, 3, 16, 16))
+    assert gm.get_submodule("3").ratio == 0.25 and mask_loss(gm).item() > 0
+
+
+def test_save_load_roundtrip(tmp_path):
+    x = torch.randn(1, 3, 16, 16)
+    gm = randomize(fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.5), vgg(), x))
+    set_gating(gm, "mask")
+    fxshift.save(gm, tmp_path / "g.pt")
+    back = fxshift.load(vgg(), tmp_path / "g.pt", x).eval()
+    assert [(n, u.source, u.gating, u.target, u.ratio) for n, u in gated_units(back)] == \
+           [(n, u.source, u.gating, u.target, u.ratio) for n, u in gated_units(gm)]
+    with torch.no_grad():
+        for s in range(3):
+            xs = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(s))
+            assert torch.equal(back(xs), gm(xs))
+    set_gating(back, "skip")
+    skip, mask = skip_and_mask(back, x)
+    assert rel(skip, mask) < 1e-5
+
+
+def test_load_rejects_wrong_architecture(tmp_path):
+    gm = fxshift.apply(DynamicPrunePass(), vgg(), torch.randn(1, 3, 16, 16))
+    fxshift.save(gm, tmp_path / "g.pt")
+    with pytest.raises(fxshift.RecipeError):
+        fxshift.load(vgg(width=8), tmp_path / "g.pt")
+
+
+def test_onnx_keeps_skipping_and_matches_torch(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    x = torch.randn(1, 3, 16, 16)
+    gm = randomize(fxshift.apply(DynamicPrunePass(), vgg(), x))
+    path = fxshift.export_onnx(gm, x, tmp_path / "g.onnx", dynamic_batch=False)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"NonZero", "Gather", "Conv", "ScatterND", "ReduceMean"} <= ops
+    assert all(init.name for init in onnx.load(path).graph.initializer)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    active = set()
+    for seed in range(6):
+        xs = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+        out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0])
+        with torch.no_grad():
+            ref = gm(xs)
+        assert rel(out, ref) < 1e-4
+        active.add(int(fxshift.dynamic_macs(gm, xs)[0]))
+    assert len(active) > 1            # different inputs compute different filters, in the same file
+
+
+def test_onnx_export_needs_batch_one(tmp_path):
+    gm = fxshift.apply(DynamicPrunePass(), vgg(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(fxshift.FxshiftError, match="batch 1"):
+        fxshift.export_onnx(gm, torch.randn(2, 3, 16, 16), tmp_path / "g.onnx")
+
+
+@pytest.mark.parametrize("factory", [torchvision.models.resnet18, torchvision.models.mobilenet_v2])
+def test_torchvision_models(factory):
+    x = torch.randn(2, 3, 32, 32)
+    model = factory(num_classes=10).eval()
+    gm = randomize(fxshift.apply(DynamicPrunePass(), model, x[:1]), bias=1.0)
+    assert len(gated_units(gm)) > 10
+    skip, mask = skip_and_mask(gm, x)
+    assert skip.shape == (2, 10)
+    assert rel(skip, mask) < 1e-5
+    macs = fxshift.dynamic_macs(gm, x)
+    assert macs.shape == (2,) and (macs > 0).all()
