@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Block", "Rejected", "find_blocks", "node_shapes", "remove_block", "remove_blocks", "block_from_dict",
-           "block_modules"]
+__all__ = ["Block", "Rejected", "find_blocks", "node_shapes", "profile_nodes", "remove_block", "remove_blocks", "block_from_dict",
+           "block_modules", "exclusive_modules"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -138,27 +138,53 @@ def _branch(x: fx.Node, start: fx.Node, stop: fx.Node) -> tuple[Optional[list[fx
     return order, ""
 
 
-def node_shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, tuple[int, ...]]:
-    """Output shape of every tensor-valued node, from one eval-mode forward on `example_inputs`
-    (BatchNorm statistics and the modules' train/eval modes are left as they were)."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def profile_nodes(gm: fx.GraphModule, example_inputs: tuple
+                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Output shape of every tensor-valued node and the MACs per sample of every call_module node
+    (its Conv2d/Linear layers, as fxshift.macs counts them, fxshift's chains included), from one
+    eval-mode forward on `example_inputs`. BatchNorm statistics and train/eval modes are kept."""
+    from ..costs import _rule_for
 
-    class _Shapes(fx.Interpreter):
+    shapes: dict[str, tuple[int, ...]] = {}
+    macs: dict[str, int] = {}
+    current: list[str] = []
+    batch = example_inputs[0].shape[0] if example_inputs and isinstance(example_inputs[0], torch.Tensor) \
+        and example_inputs[0].ndim > 1 else 1
+
+    def hook(module: nn.Module, _args: Any, output: Any) -> None:
+        rule = _rule_for(module)
+        if current and rule is not None and isinstance(output, torch.Tensor):
+            per = rule(module, output) * output.shape[0] // max(batch, 1) if output.ndim > 1 else rule(module, output)
+            macs[current[-1]] = macs.get(current[-1], 0) + per
+
+    class _Profile(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
-            value = super().run_node(n)
+            current.append(n.name)
+            try:
+                value = super().run_node(n)
+            finally:
+                current.pop()
             if isinstance(value, torch.Tensor):
                 shapes[n.name] = tuple(value.shape)
             return value
 
     modes = [(m, m.training) for m in gm.modules()]
+    handles = [m.register_forward_hook(hook) for m in gm.modules() if _rule_for(m) is not None]
     gm.eval()
     try:
         with torch.no_grad():
-            _Shapes(gm).run(*example_inputs)
+            _Profile(gm).run(*example_inputs)
     finally:
+        for h in handles:
+            h.remove()
         for m, training in modes:
             m.training = training
-    return shapes
+    return shapes, macs
+
+
+def node_shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, tuple[int, ...]]:
+    """Output shape of every tensor-valued node (see profile_nodes)."""
+    return profile_nodes(gm, example_inputs)[0]
 
 
 def _residual(gm: fx.GraphModule, add: fx.Node, shapes: Optional[dict]) -> tuple[Optional[Block], str]:
@@ -295,6 +321,13 @@ def _unique_names(blocks: list[Block]) -> None:
 def block_modules(gm: fx.GraphModule, block: Block) -> list[tuple[str, nn.Module]]:
     """(name, module) of the modules the block's nodes call."""
     return [(m, gm.get_submodule(m)) for m in block.modules]
+
+
+def exclusive_modules(gm: fx.GraphModule, block: Block) -> list[str]:
+    """The block's modules that no node outside it uses: those its removal deletes."""
+    inside = set(block.nodes)
+    used = {str(n.target) for n in gm.graph.nodes if n.name not in inside and n.op in ("call_module", "get_attr")}
+    return [m for m in block.modules if not any(u == m or u.startswith(m + ".") for u in used)]
 
 
 def block_from_dict(gm: fx.GraphModule, entry: dict[str, Any]) -> Block:
