@@ -8,6 +8,7 @@ from .errors import ConfigError, FxshiftError, RecipeError, TraceError
 from .nn.freeze import freeze
 from .onnx import ExportOnnxPass, export_onnx
 from .passes import CPDecomposePass, FreezePass, RecomposePass, ShiftQuantizePass, SpatialSVDPass, TuckerDecomposePass
+from .passes import LayerPrunePass
 from .pipeline import apply
 from .report import Report
 from .trace import trace
@@ -18,6 +19,7 @@ __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parame
            "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
            "RecipeError", "errors", "context", "CPDecomposePass", "SpatialSVDPass", "Budget", "export_onnx",
            "ExportOnnxPass"]
+__all__ += ["LayerPrunePass"]
 
 
 def __getattr__(name: str):

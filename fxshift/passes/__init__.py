@@ -10,3 +10,5 @@ from .tucker import TuckerDecomposePass
 
 __all__ = ["DecompositionPass", "RecomposePass", "TuckerDecomposePass", "ShiftQuantizePass", "FreezePass",
            "CPDecomposePass", "SpatialSVDPass"]
+from .layer_prune import LayerPrunePass  # noqa: E402
+__all__ += ["LayerPrunePass"]

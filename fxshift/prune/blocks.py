@@ -200,6 +200,9 @@ def _residual(gm: fx.GraphModule, add: fx.Node, shapes: Optional[dict]) -> tuple
         if shapes is not None and (x.name not in shapes or shapes.get(x.name) != shapes.get(add.name)):
             return None, (f"it changes the shape ({shapes.get(x.name)} -> {shapes.get(add.name)}): "
                           "only identity shortcuts can be removed")
+        if shapes is not None and shapes.get(start.name) != shapes.get(x.name):
+            return None, (f"its branch gives {shapes.get(start.name)}, broadcast onto the shortcut's "
+                          f"{shapes.get(x.name)}: not a residual unit")
         nodes = [n for n in branch if n.op != "get_attr"] + [add]
         modules = _modules_of(gm, nodes)
         scope = _scope(add)
