@@ -70,13 +70,13 @@ class BasicBlock(nn.Module):
 
 
 class StagedResNet(nn.Module):
-    """A CIFAR-style ResNet for 28×28 greyscale images: a 3×3 stem, three stages of `blocks`
-    BasicBlocks at 28×28, 14×14 and 7×7, global average pooling and a Linear classifier."""
+    """A ResNet for 28×28 greyscale images: a stride-2 3×3 stem, three stages of `blocks`
+    BasicBlocks at 14×14, 7×7 and 4×4, global average pooling and a Linear classifier."""
 
     def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), blocks: int = 3, classes: int = 10):
         super().__init__()
         w1, w2, w3 = widths
-        self.stem = nn.Conv2d(1, w1, 3, 1, 1, bias=False)
+        self.stem = nn.Conv2d(1, w1, 3, 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(w1)
         self.layer1 = nn.Sequential(*[BasicBlock(w1, w1, 1) for _ in range(blocks)])
         self.layer2 = nn.Sequential(BasicBlock(w1, w2, 2), *[BasicBlock(w2, w2, 1) for _ in range(blocks - 1)])
@@ -165,20 +165,24 @@ def match_filter_ratio(model: nn.Module, target: float, example: torch.Tensor, m
 
 
 def layer_prune(model: nn.Module, target: float, criterion: str, calibration: list, example: torch.Tensor
-                ) -> tuple[nn.Module, list[str]]:
+                ) -> tuple[nn.Module, list[str], float]:
+    """The LayerPrune model for a latency target, the blocks it removed and the latency ratio the
+    pass measured for it."""
+    from fxshift.context import budget_summaries
+
     pass_ = fxshift.LayerPrunePass(blocks=fxshift.Budget(latency=target, threads=1), criterion=criterion,
                                    calibration=calibration)
     gm = fxshift.apply([pass_], model, example)
     removed = [r["layer"] for r in fxshift.report(gm).to_dicts() if r["action"] == "pruned"]
-    return gm, removed
+    return gm, removed, float(budget_summaries(gm)[-1]["fraction"])
 
 
 # ------------------------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=int, default=10000, help="training images (first N of the 60k)")
+    p.add_argument("--train", type=int, default=8000, help="training images (first N of the 60k)")
     p.add_argument("--test", type=int, default=5000, help="test images (first N of the 10k)")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs of the original model")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of the original model")
     p.add_argument("--finetune", type=int, default=1, help="fine-tuning epochs of every pruned model")
     p.add_argument("--widths", default="16,32,64", help="channels of the three stages")
     p.add_argument("--blocks", type=int, default=3, help="BasicBlocks per stage")
@@ -187,8 +191,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--calibration", type=int, default=512, help="training images used to score blocks")
     p.add_argument("--latency-batch", type=int, default=32, help="images per onnxruntime call when timing")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per model per measurement")
-    p.add_argument("--probes", type=int, default=6, help="bisection steps matching the filter-pruning latency")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--probes", type=int, default=7, help="bisection steps matching the filter-pruning latency")
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a smoke run: 2k images, 1+1 epochs, one target")
@@ -224,8 +228,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     finetuned: dict[tuple, nn.Module] = {}
     models: dict[str, nn.Module] = {"original": base}
     for target in targets:
+        reached = []
         for criterion in criteria:
-            gm, removed = layer_prune(base, target, criterion, calibration, example)
+            gm, removed, fraction = layer_prune(base, target, criterion, calibration, example)
+            reached.append(fraction)
             key = ("layerprune", tuple(sorted(removed)))
             name = f"layerprune-{criterion}@{target:g}"
             if key not in finetuned:
@@ -235,13 +241,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                          "removed": removed, "key": key})
             models[name] = finetuned[key]
             print(f"{name}: removed {removed}", flush=True)
-        ratio, pruned, measured = match_filter_ratio(base, target, example, args.min_time, args.probes)
+        # filter pruning is matched to the latency LayerPrune reached (blocks come in steps), not the target
+        matched = sorted(reached)[len(reached) // 2]
+        ratio, pruned, measured = match_filter_ratio(base, matched, example, args.min_time, args.probes)
         name = f"filter-l1@{target:g}"
         train(pruned, train_loader, args.finetune, args.lr / 5, args.seed)
         runs.append({"method": "filter pruning (Torch-Pruning L1)", "criterion": "l1-filter", "target": target,
                      "name": name, "ratio": ratio, "key": ("filter", target)})
         models[name] = pruned
-        print(f"{name}: ratio {ratio:.3f} (latency {measured:.3f} when matched)", flush=True)
+        print(f"{name}: ratio {ratio:.3f} (latency {measured:.3f} when matched to {matched:.3f})", flush=True)
 
     load_timing = os.getloadavg()
     ratios = latency_ratios(models, example, args.min_time)
