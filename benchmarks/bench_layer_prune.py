@@ -1,6 +1,6 @@
 """LayerPrunePass on resnet50: measured onnxruntime latency with 2, 4 and 6 blocks removed, beside the MAC ratios.
 
-Run:  pytest benchmarks/bench_layer_prune.py -s     (FXSHIFT_BENCH_QUICK=1: the short CI mode, 96×96 input)
+Run:  pytest benchmarks/bench_layer_prune.py -s     (FXSHIFT_BENCH_QUICK=1: the short CI mode, 64×64 input)
 
 resnet50 (random init) loses its 2, 4 and 6 lowest-L1 blocks; the original and the three pruned
 models are exported to ONNX and timed round-robin in one run (medians), so every latency ratio
@@ -17,10 +17,10 @@ from fxshift.onnx.latency import LatencyTimer, model_onnx
 
 from conftest import QUICK, build_torchvision
 
-IMAGE = 96 if QUICK else 224
+IMAGE = 64 if QUICK else 224
 COUNTS = (2, 4, 6)
 THREADS = int(os.environ.get("FXSHIFT_BENCH_THREADS", "0")) or None
-MIN_TIME = 0.3 if QUICK else 2.0
+MIN_TIME = 0.2 if QUICK else 2.0
 
 
 @pytest.fixture(scope="module")
