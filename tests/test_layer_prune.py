@@ -322,6 +322,16 @@ def test_layer_prune_after_tucker_scores_the_chains():
     assert fxshift.parameter_count(gm) == chained - pruned["params_before"]
 
 
+def test_save_load_after_tucker_then_layer_prune(tmp_path):
+    from fxshift import TuckerDecomposePass
+
+    gm = fxshift.apply([TuckerDecomposePass(rank=0.5), LayerPrunePass(blocks=2)], _toy(), X)
+    fxshift.save(gm, tmp_path / "tl.pt")
+    loaded = fxshift.load(_toy(), tmp_path / "tl.pt")
+    assert torch.allclose(loaded(X), gm(X), atol=1e-5)
+    assert fxshift.parameter_count(loaded) == fxshift.parameter_count(gm)
+
+
 # ----- bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
