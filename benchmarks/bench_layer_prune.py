@@ -53,11 +53,11 @@ def measured():
 
 @pytest.mark.parametrize("k", COUNTS)
 def test_resnet50_blocks_removed(benchmark, measured, k):
-    from fxshift.onnx.latency import _runner, _session
+    from fxshift.onnx.runtime import session, session_runner
 
     results, onnx, x, threads = measured
     r = results[k]
-    run = _runner(_session(onnx[k], threads), [x.numpy()])
+    run = session_runner(session(onnx[k], plugin=False, threads=threads), [x.numpy()])
     benchmark.pedantic(run, rounds=3 if QUICK else 20, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(r)
     print(f"\nresnet50 {IMAGE}x{IMAGE}, {k} blocks removed ({', '.join(r['removed'])}): MACs {r['mac_ratio']:.3f}, "

@@ -1,7 +1,6 @@
 """LayerPrunePass: remove whole blocks, chosen by importance and by cost (docs/methods.md §8)."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -15,9 +14,8 @@ from ..errors import ConfigError
 from ..graph import LayerFilter, Selector
 from ..prune.blocks import Block, exclusive_modules, find_blocks, profile_nodes, remove_blocks
 from ..prune.criteria import DATA_DRIVEN, resolve_criterion, score_blocks
+from ..prune.selection import BlocksSetting, blocks_to_remove
 from ..report import ReportRow
-
-BlocksSetting = Union[int, float, Budget]
 
 
 def _check_blocks(blocks: Any) -> BlocksSetting:
@@ -108,7 +106,7 @@ class LayerPrunePass(PassBase):
         score = dict(zip([b.name for b in candidates], scores))
         index = {b.name: i for i, b in enumerate(candidates)}
         order = sorted(candidates, key=lambda b: (score[b.name], index[b.name]))
-        count, summary = self._how_many(gm, order, cost, node_macs, inputs)
+        count, summary = blocks_to_remove(gm, order, self.blocks, cost, node_macs, inputs, name)
         chosen = {b.name for b in order[:count]}
         rank = {b.name: i + 1 for i, b in enumerate(order)}
         for block in found:
@@ -145,64 +143,3 @@ class LayerPrunePass(PassBase):
     def _cost(gm: fx.GraphModule, block: Block, node_macs: dict[str, int]) -> tuple[int, int]:
         params = sum(parameter_count(gm.get_submodule(m)) for m in exclusive_modules(gm, block))
         return params, sum(node_macs.get(n, 0) for n in block.nodes)
-
-    def _how_many(self, gm: fx.GraphModule, order: list[Block], cost: dict[str, tuple[int, int]],
-                  node_macs: dict[str, int], inputs: tuple) -> tuple[int, Optional[dict[str, Any]]]:
-        n = len(order)
-        blocks = self.blocks
-        if isinstance(blocks, int):
-            if blocks > n:
-                raise ConfigError(f"LayerPrunePass(blocks={blocks}): the model has only {n} removable blocks "
-                                  f"({', '.join(b.name for b in order)}); ask for at most {n}, or a fraction")
-            return blocks, None
-        if isinstance(blocks, float):
-            return int(round(blocks * n)), None
-        budget = blocks
-        if budget.kind == "latency":
-            return self._latency_count(gm, order, budget, inputs)
-        column = 1 if budget.kind == "macs" else 0
-        total = sum(node_macs.values()) if budget.kind == "macs" else parameter_count(gm)
-        remaining, count = float(total), 0
-        goal = budget.target * total
-        while remaining > goal and count < n:
-            remaining -= cost[order[count].name][column]
-            count += 1
-        if remaining > goal * (1 + budget.tolerance):
-            raise ConfigError(f"LayerPrunePass(blocks={budget!r}): removing all {n} removable blocks leaves "
-                              f"{remaining / total:.1%} of the model's {budget.kind}; the budget cannot be met by "
-                              "block removal alone: raise the target, or follow with a decomposition pass")
-        return count, {"pass": type(self).__name__, **budget.to_dict(), "total_before": total,
-                       "total_after": remaining, "fraction": remaining / total if total else 1.0, "blocks": count}
-
-    def _latency_count(self, gm: fx.GraphModule, order: list[Block], budget: Budget, inputs: tuple
-                       ) -> tuple[int, dict[str, Any]]:
-        """The fewest blocks (lowest score first) whose removal brings the measured latency to the
-        target. The original and the model with each count of blocks removed are timed round-robin
-        in one onnxruntime run, so every ratio shares the same machine noise (timing the counts in
-        separate runs on a busy machine gave ratios that did not fall with the count)."""
-        from ..onnx.latency import LatencyTimer, model_onnx  # only the latency budget needs onnxruntime
-
-        timer = LatencyTimer(budget.threads, budget.cache)
-        onnx = {"0": model_onnx(gm, inputs)}
-        for k in range(1, len(order) + 1):
-            pruned = copy.deepcopy(gm)
-            remove_blocks(pruned, order[:k])
-            pruned.graph.lint()
-            pruned.recompile()
-            onnx[str(k)] = model_onnx(pruned, inputs)
-        times = timer.models(onnx, inputs)
-        measured = {int(k): t / times["0"] for k, t in times.items() if k != "0"}
-        n = len(order)
-        reached = [k for k in range(1, n + 1) if measured[k] <= budget.target]
-        if not reached:
-            best = min(measured, key=measured.get)
-            if measured[best] > budget.target * (1 + budget.tolerance):
-                raise ConfigError(f"LayerPrunePass(blocks={budget!r}): removing the removable blocks (up to all {n}) "
-                                  f"measured at best {measured[best]:.1%} of the model's onnxruntime latency; the "
-                                  "budget cannot be met by block removal alone: raise the target, or follow with a "
-                                  "decomposition pass")
-            reached = [best]
-        count = reached[0]
-        return count, {"pass": type(self).__name__, **budget.to_dict(), "blocks": count, "fraction": measured[count],
-                       "measured": {str(k): round(v, 4) for k, v in sorted(measured.items())},
-                       "threads": timer.threads}
