@@ -251,8 +251,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         models[name] = pruned
         print(f"{name}: ratio {ratio:.3f} (latency {measured:.3f} when matched to {matched:.3f})", flush=True)
 
+    # every distinct final model timed once, all round-robin in one run (runs that removed the same
+    # blocks share one model and so one timing)
     load_timing = os.getloadavg()
-    ratios = latency_ratios(models, example, args.min_time)
+    distinct: dict[int, str] = {}
+    for name, model in models.items():
+        distinct.setdefault(id(model), name)
+    timed = latency_ratios({n: models[n] for n in distinct.values()}, example, 2 * args.min_time)
+    ratios = {name: timed[distinct[id(model)]] for name, model in models.items()}
     rows = [{"method": "original", "target": 1.0, "latency_ratio": 1.0, "accuracy": base_acc,
              "macs": fxshift.macs(base, example[:1]), "params": fxshift.parameter_count(base)}]
     for run in runs:

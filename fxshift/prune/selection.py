@@ -6,7 +6,9 @@ are summed exactly. Latency is measured: the original and the model with each co
 removed are exported to ONNX and timed round-robin in one onnxruntime run (fxshift.onnx.latency),
 so every ratio shares the same machine noise; the smallest count whose measured ratio reaches
 the target wins. (Timing the counts in separate runs on a busy machine gave ratios that did not
-fall with the count.) Inside fxshift.train.apply_synced one rank measures and broadcasts the count.
+fall with the count.) With Budget.verify (the default) the chosen count is timed again alone
+against the original, longer, and the next count taken while that check misses the target
+(within its tolerance). Inside fxshift.train.apply_synced one rank measures and broadcasts the count.
 """
 from __future__ import annotations
 
@@ -71,13 +73,14 @@ def blocks_to_remove(gm: fx.GraphModule, order: Sequence[Block], setting: Blocks
                    "fraction": remaining / total if total else 1.0, "blocks": count}
 
 
-def measure_removals(gm: fx.GraphModule, order: Sequence[Block], inputs: tuple, threads: Optional[int] = None,
-                     cache: Optional[str] = None) -> dict[int, float]:
+def measure_removals(gm: fx.GraphModule, order: Sequence[Block], inputs: tuple, timer: Any
+                     ) -> tuple[dict[int, float], dict[str, bytes]]:
     """Measured onnxruntime latency of `gm` with its first k blocks of `order` removed, over the
-    original's, for k = 1..len(order); all timed round-robin in one run. `gm` is not changed."""
-    from ..onnx.latency import LatencyTimer, model_onnx
+    original's, for k = 1..len(order), all timed round-robin in one run by `timer` (a
+    fxshift.onnx.latency.LatencyTimer); and the ONNX bytes of each ("0" is the original). `gm` is
+    not changed."""
+    from ..onnx.latency import model_onnx
 
-    timer = LatencyTimer(threads, cache)
     onnx = {"0": model_onnx(gm, inputs)}
     for k in range(1, len(order) + 1):
         pruned = copy.deepcopy(gm)
@@ -86,12 +89,15 @@ def measure_removals(gm: fx.GraphModule, order: Sequence[Block], inputs: tuple, 
         pruned.recompile()
         onnx[str(k)] = model_onnx(pruned, inputs)
     times = timer.models(onnx, inputs)
-    return {int(k): t / times["0"] for k, t in times.items() if k != "0"}
+    return {int(k): t / times["0"] for k, t in times.items() if k != "0"}, onnx
 
 
 def _latency_count(gm: fx.GraphModule, order: Sequence[Block], budget: Budget, inputs: tuple, pass_name: str
                    ) -> tuple[int, dict[str, Any]]:
-    measured = measure_removals(gm, order, inputs, budget.threads, budget.cache)
+    from ..onnx.latency import LatencyTimer
+
+    timer = LatencyTimer(budget.threads, budget.cache)
+    measured, onnx = measure_removals(gm, order, inputs, timer)
     n = len(order)
     reached = [k for k in range(1, n + 1) if measured[k] <= budget.target]
     if not reached:
@@ -103,6 +109,22 @@ def _latency_count(gm: fx.GraphModule, order: Sequence[Block], budget: Budget, i
                               "decomposition pass")
         reached = [best]
     count = reached[0]
-    return count, {"pass": pass_name, **budget.to_dict(), "blocks": count, "fraction": measured[count],
-                   "measured": {str(k): round(v, 4) for k, v in sorted(measured.items())},
-                   "threads": budget.threads}
+    summary = {"pass": pass_name, **budget.to_dict(), "blocks": count, "fraction": measured[count],
+               "measured": {str(k): round(v, 4) for k, v in sorted(measured.items())}, "threads": timer.threads}
+    if budget.verify:
+        # a second, longer timing of the choice alone against the original; on a busy machine one
+        # short round over every count can land a count below the target by luck
+        verified = {}
+        while count <= n:
+            times = timer.models({"0": onnx["0"], "k": onnx[str(count)]}, inputs, min_time=0.5)
+            verified[count] = times["k"] / times["0"]
+            if verified[count] <= budget.target * (1 + budget.tolerance):
+                break
+            count += 1
+        if count > n:
+            raise ConfigError(f"{pass_name}(blocks={budget!r}): timed again, no count of removed blocks stayed "
+                              f"within the target (measured {', '.join(f'{v:.1%}' for v in verified.values())}); "
+                              "raise the target, or retry on a quieter machine")
+        summary.update(blocks=count, fraction=verified[count], verified={str(k): round(v, 4)
+                                                                          for k, v in verified.items()})
+    return count, summary
