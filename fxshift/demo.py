@@ -3,7 +3,7 @@
     python -m fxshift.demo [--epochs 2] [--train-samples 20000]
 
 Stages: train in float → TuckerDecomposePass(0.5) → fine-tune → RecomposePass (the original
-architecture again); DeepShift-Q 5-bit on the float model and on the fine-tuned Tucker model, each
+architecture again); LayerPrunePass removing one conv block, fine-tuned; DeepShift-Q 5-bit on the float model and on the fine-tuned Tucker model, each
 fine-tuned and frozen to packed 5-bit codes. Each row: test accuracy, parameters, MACs, weight
 bytes, CPU latency (batch 1, median of interleaved runs). Last, the fully compressed model is
 exported to ONNX and run in onnxruntime with fxshift's plugin and through the function bodies.
@@ -87,6 +87,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     original_again = small_cnn()
     original_again.load_state_dict(recomposed.state_dict())
     stages.append(Stage("recomposed", original_again.eval(), accuracy(original_again, test_loader)))
+
+    # LayerPrune: the one shape-keeping conv-BN-ReLU block (128->128) goes, then a fine-tune
+    pruned = fxshift.apply([fxshift.LayerPrunePass(blocks=1, criterion="bn")], model, example)
+    train_epochs(pruned, train_loader, args.finetune_epochs, lr=1e-3, desc="layerprune fine-tune")
+    stages.append(Stage("layerprune(1)+fine-tune", pruned.eval(), accuracy(pruned, test_loader)))
 
     for name, start in (("shift-q5", model), ("tucker+shift-q5", tuned)):
         shifted = fxshift.apply([fxshift.ShiftQuantizePass(mode="q", weight_bits=args.weight_bits)], start, example)
