@@ -10,6 +10,7 @@ from .onnx import ExportOnnxPass, export_onnx
 from .passes import CPDecomposePass, FreezePass, RecomposePass, ShiftQuantizePass, SpatialSVDPass, TuckerDecomposePass
 from .passes import DynamicPrunePass
 from .costs import dynamic_macs
+from .passes import LayerPrunePass
 from .pipeline import apply
 from .report import Report
 from .trace import trace
@@ -20,7 +21,7 @@ __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parame
            "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
            "RecipeError", "errors", "context", "CPDecomposePass", "SpatialSVDPass", "Budget", "export_onnx",
            "ExportOnnxPass"]
-__all__ += ["DynamicPrunePass", "dynamic_macs"]
+__all__ += ["DynamicPrunePass", "dynamic_macs", "LayerPrunePass"]
 
 
 def __getattr__(name: str):

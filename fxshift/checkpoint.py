@@ -2,8 +2,10 @@
 
 The file is a torch.save'd dict {"recipe": <JSON text>, "state_dict": {name: tensor}} that
 torch.load(weights_only=True) reads. The recipe lists, in order, every module fxshift put into
-the model (layer name, method, ranks, options); load() rebuilds that structure on a fresh
-instance of the original model without recomputing any decomposition, then loads the weights.
+the model (layer name, method, ranks, options) and, under "removed", the blocks a pruning pass
+took out of the graph (block name, its input and output nodes and the nodes removed with it);
+load() rebuilds that structure on a fresh instance of the original model without recomputing
+any decomposition or block score (removals first, then the modules), then loads the weights.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ import torch.fx as fx
 
 from .errors import RecipeError
 from .nn.base import STRUCTURES
-from .context import set_report
+from .context import record_removed_blocks, removed_blocks_of, set_report
 from .graph import replace_module
+from .passes.dynamic_prune import rebuild_units, unit_recipe
+from .prune.blocks import block_from_dict, remove_blocks
 from .report import Report
 from .trace import LeafSpec, trace
 
 FORMAT = "fxshift-recipe"
-VERSION = 1
+VERSION = 2  # 2: the "removed" list of pruned blocks
 
 
 def recipe(gm: torch.nn.Module) -> dict[str, Any]:
@@ -32,9 +36,7 @@ def recipe(gm: torch.nn.Module) -> dict[str, Any]:
     for name, module in gm.named_modules():
         if name and type(module) in STRUCTURES.values():
             layers.append({"layer": name, **module.spec()})
-    out = {"format": FORMAT, "version": VERSION, "layers": layers}
-    from .passes.dynamic_prune import unit_recipe
-
+    out = {"format": FORMAT, "version": VERSION, "layers": layers, "removed": removed_blocks_of(gm)}
     gated = unit_recipe(gm)
     if gated:  # gated units (DynamicPrunePass) fuse conv + BN + activation nodes: rebuilt on the graph
         out["gated"] = gated
@@ -88,6 +90,22 @@ def rebuild(gm: fx.GraphModule, layers: list[dict[str, Any]]) -> None:
                               f"({type(original).__name__}): {exc}") from exc
 
 
+def remove_recorded_blocks(gm: fx.GraphModule, removed: list[dict[str, Any]]) -> None:
+    """Take out of a freshly traced model the blocks a recipe lists as removed, in order."""
+    if not isinstance(removed, list):
+        raise RecipeError(f"recipe 'removed' must be a list of blocks, got {type(removed).__name__}")
+    blocks = []
+    for entry in removed:
+        try:
+            blocks.append(block_from_dict(gm, entry))
+        except (ValueError, TypeError, AttributeError) as exc:
+            name = entry.get("block") if isinstance(entry, dict) else entry
+            raise RecipeError(f"recipe removes block {name!r}, which does not fit this model ({exc}); load the "
+                              "checkpoint into the architecture it was saved from, traced the same way") from None
+    remove_blocks(gm, blocks)
+    record_removed_blocks(gm, removed)
+
+
 def load(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
          leaf_modules: LeafSpec = None, concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
     """Rebuild what `save` wrote onto a fresh instance of the original model and load its weights.
@@ -99,10 +117,9 @@ def load(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = 
     parsed, state = _read(path)
     inputs = example_inputs if example_inputs is None or isinstance(example_inputs, tuple) else (example_inputs,)
     gm = trace(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    remove_recorded_blocks(gm, parsed.get("removed", []))
     rebuild(gm, parsed["layers"])
     if parsed.get("gated"):
-        from .passes.dynamic_prune import rebuild_units
-
         rebuild_units(gm, parsed["gated"])
     try:
         gm.load_state_dict(state, strict=True)

@@ -15,6 +15,7 @@ _REPORT = "fxshift_report"
 _INPUTS = "fxshift_example_inputs"
 _BUDGETS = "fxshift_budget"
 _ONNX_PATH = "fxshift_onnx_path"
+_REMOVED = "fxshift_removed_blocks"
 
 
 def _meta(gm: Any) -> Optional[dict]:
@@ -68,6 +69,17 @@ def add_budget_summary(gm: fx.GraphModule, summary: dict[str, Any]) -> None:
 def budget_summaries(gm: fx.GraphModule) -> list[dict[str, Any]]:
     """Every Budget summary recorded on `gm`, in the order the passes ran."""
     return list((_meta(gm) or {}).get(_BUDGETS, []))
+
+
+def record_removed_blocks(gm: fx.GraphModule, entries: list[dict[str, Any]]) -> None:
+    """Record blocks a pruning pass took out of the graph (fxshift.prune.blocks.Block.to_dict
+    entries, in removal order), for the recipe that save() writes."""
+    gm.meta.setdefault(_REMOVED, []).extend(entries)
+
+
+def removed_blocks_of(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """Every block removed from `gm` so far, in the order they were removed."""
+    return list((_meta(gm) or {}).get(_REMOVED, []))
 
 
 def set_onnx_path(gm: fx.GraphModule, path: Any) -> None:

@@ -3,9 +3,10 @@
     python -m fxshift.demo [--epochs 2] [--train-samples 20000]
 
 Stages: train in float → TuckerDecomposePass(0.5) → fine-tune → RecomposePass (the original
-architecture again); DynamicPrunePass (FTWT, mass 0.9) on the float model, fine-tuned with the mask
-loss (its MACs: per sample on the example image, predictors included); DeepShift-Q 5-bit on the float
-model and on the fine-tuned Tucker model, each fine-tuned and frozen to packed 5-bit codes. Each row: test accuracy, parameters, MACs, weight
+architecture again); LayerPrunePass removing one conv block, fine-tuned; DynamicPrunePass (FTWT,
+mass 0.9) on the float model, fine-tuned with the mask loss (its MACs: per sample on the example
+image, predictors included); DeepShift-Q 5-bit on the float model and on the fine-tuned Tucker
+model, each fine-tuned and frozen to packed 5-bit codes. Each row: test accuracy, parameters, MACs, weight
 bytes, CPU latency (batch 1, median of interleaved runs). Last, the fully compressed model is
 exported to ONNX and run in onnxruntime with fxshift's plugin and through the function bodies.
 """
@@ -95,6 +96,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     original_again = small_cnn()
     original_again.load_state_dict(recomposed.state_dict())
     stages.append(Stage("recomposed", original_again.eval(), accuracy(original_again, test_loader)))
+
+    # LayerPrune: the one shape-keeping conv-BN-ReLU block (128->128) goes, then a fine-tune
+    pruned = fxshift.apply([fxshift.LayerPrunePass(blocks=1, criterion="bn")], model, example)
+    train_epochs(pruned, train_loader, args.finetune_epochs, lr=1e-3, desc="layerprune fine-tune")
+    stages.append(Stage("layerprune(1)+fine-tune", pruned.eval(), accuracy(pruned, test_loader)))
 
     # FTWT dynamic pruning (docs/methods.md §9): per-input filter skipping, fine-tuned with the mask loss.
     gated = fxshift.apply([fxshift.DynamicPrunePass(threshold=0.9, train_mask=True)], model, example)
