@@ -121,21 +121,22 @@ def tucker2_hooi(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int =
         core = (u_out.T @ w[:, :, 0] @ u_in).reshape(r_out, r_in, 1, 1)
         return TuckerFactors(core.to(out), u_out.to(out), u_in.to(out))
     total = float(w.double().pow(2).sum())
+    by_out = w.reshape(t, s * q)  # (T, S·Q): output unfolding
+    by_tq = w.transpose(1, 2).reshape(t * q, s).contiguous()  # (T·Q, S): the input mode last
     u_in, _ = leading_left_vectors(w.transpose(0, 1).reshape(s, t * q), r_in)
     previous = math.inf
     for _ in range(n_iter_max):
-        # W ×₁ U_inᵀ: (T, r_in, Q) → output unfolding T × r_in·Q
-        y = torch.einsum("tsq,sb->tbq", w, u_in).reshape(t, r_in * q)
-        u_out, _ = leading_left_vectors(y, r_out)
-        # W ×₀ U_outᵀ: (r_out, S, Q) → input unfolding S × r_out·Q
-        z = torch.einsum("ta,tsq->saq", u_out, w)
-        u_in, kept = leading_left_vectors(z.reshape(s, r_out * q), r_in)
+        # W ×₁ U_inᵀ as a T × (Q·r_in) matrix (column order does not change its left singular vectors)
+        u_out, _ = leading_left_vectors((by_tq @ u_in).reshape(t, q * r_in), r_out)
+        # W ×₀ U_outᵀ: (r_out, S, Q), and its input unfolding S × (r_out·Q)
+        z = (u_out.T @ by_out).reshape(r_out, s, q).transpose(0, 1).reshape(s, r_out * q)
+        u_in, kept = leading_left_vectors(z, r_in)
         error = math.sqrt(max(total - float(kept.double().sum()), 0.0) / total) if total > 0 else 0.0
         if error == 0.0 or (math.isfinite(previous) and abs(previous - error) <= tol * previous):
             break
         previous = error
-    core = torch.einsum("saq,sb->abq", z, u_in).reshape(r_out, r_in, kh, kw)
-    return TuckerFactors(core.to(out), u_out.to(out), u_in.to(out))
+    core = (u_in.T @ z).reshape(r_in, r_out, kh, kw).transpose(0, 1)
+    return TuckerFactors(core.to(out).contiguous(), u_out.to(out), u_in.to(out))
 
 
 def tucker1(weight: torch.Tensor, r_out: int) -> TuckerFactors:
