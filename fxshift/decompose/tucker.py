@@ -13,6 +13,10 @@ from .gram import leading_left_vectors, truncated_svd
 from .svd import gram_svd, svd_factors
 
 
+#: Tucker-2 solvers: the fast Gram-matrix HOOI and tensorly's partial_tucker (the reference).
+TUCKER_METHODS = ("hooi", "tensorly")
+
+
 class TuckerFactors(NamedTuple):
     """W ≈ core ×₀ u_out ×₁ u_in. `u_in` is None for Tucker-1 (output mode only).
 
@@ -60,7 +64,7 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: Optional[i
     """Tucker-2 of a T×S×kh×kw kernel over its channel modes, ranks (r_out, r_in) clamped by
     `clamp_tucker2_ranks` (the factors' shapes give the ranks used).
 
-    method "hooi" (default): `tucker2_hooi`, HOSVD start and at most `n_iter_max` (default 10)
+    method "hooi" (default): `tucker2_hooi`, HOSVD start and at most `n_iter_max` (default 3)
     HOOI sweeps, each mode through the eigh of its smaller Gram matrix, stopping when the
     relative error changes by less than `tol` (default 1e-3, relative) between sweeps.
     method "tensorly": tensorly's partial_tucker (the reference; default 100 iterations, tol 1e-4).
@@ -68,7 +72,7 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: Optional[i
     _check_ranks(weight, ranks)
     ranks = clamp_tucker2_ranks(tuple(weight.shape), ranks)
     if method == "hooi":
-        return tucker2_hooi(weight, ranks, 10 if n_iter_max is None else n_iter_max, 1e-3 if tol is None else tol)
+        return tucker2_hooi(weight, ranks, 3 if n_iter_max is None else n_iter_max, 1e-3 if tol is None else tol)
     if method == "tensorly":
         return tucker2_tensorly(weight, ranks, 100 if n_iter_max is None else n_iter_max, 1e-4 if tol is None else tol)
     raise ValueError(f"unknown Tucker method {method!r}; use 'hooi' or 'tensorly'")
@@ -91,7 +95,7 @@ def tucker2_tensorly(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: i
     return TuckerFactors(core.to(weight.dtype), u_out.to(weight.dtype), u_in.to(weight.dtype))
 
 
-def tucker2_hooi(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int = 10, tol: float = 1e-3,
+def tucker2_hooi(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int = 3, tol: float = 1e-3,
                  dtype: torch.dtype = torch.float64) -> TuckerFactors:
     """Tucker-2 by HOOI (higher-order orthogonal iteration) with every mode solved through the
     eigendecomposition of the smaller Gram matrix of its unfolding (fxshift.decompose.gram).
@@ -168,4 +172,4 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float(diff / norm) if norm > 0 else float(diff)
 
 
-__all__ = ["TuckerFactors", "tucker2", "tucker2_hooi", "tucker2_tensorly", "clamp_tucker2_ranks", "tucker1", "tucker_reconstruct", "relative_error", "mode_unfolding", "svd_factors"]
+__all__ = ["TuckerFactors", "tucker2", "tucker2_hooi", "tucker2_tensorly", "clamp_tucker2_ranks", "TUCKER_METHODS", "tucker1", "tucker_reconstruct", "relative_error", "mode_unfolding", "svd_factors"]
