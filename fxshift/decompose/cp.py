@@ -19,13 +19,14 @@ with the SVD initialisation, computed in float64 on the numpy backend.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import numpy as np
 import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
+
+from .cp_init import cp_svd_init
 
 __all__ = ["CPFactors", "cp_conv", "cp_max_rank", "cp_reconstruct", "cp_relative_error"]
 
@@ -103,20 +104,25 @@ def _check_rank(rank: int, weight: torch.Tensor) -> int:
 def _parafac64(
     w: np.ndarray, rank: int, n_iter_max: int, tol: float, seed: int, linesearch: bool
 ):
-    with warnings.catch_warnings():
-        # The SVD init asks for `rank` singular vectors of each unfolding and warns when a mode
-        # is shorter than that; the missing columns are drawn from `random_state` (seeded).
-        warnings.filterwarnings("ignore", message=".*n_eigenvecs.*", category=UserWarning)
-        return parafac(
-            w,
-            rank,
-            n_iter_max=n_iter_max,
-            init="svd",
-            tol=tol,
-            random_state=seed,
-            normalize_factors=False,
-            linesearch=linesearch,
-        )
+    return parafac(
+        w,
+        rank,
+        n_iter_max=n_iter_max,
+        init=_svd_init64(w, rank, seed),
+        tol=tol,
+        random_state=seed,
+        normalize_factors=False,
+        linesearch=linesearch,
+    )
+
+
+def _svd_init64(w: np.ndarray, rank: int, seed: int) -> tl.cp_tensor.CPTensor:
+    """tensorly's init="svd" (same subspaces, same seeded random columns where a mode is shorter
+    than the rank), computed from the smaller Gram matrices (fxshift.decompose.cp_init)."""
+    rng = np.random.RandomState(seed)
+    fill = lambda rows, cols: torch.from_numpy(rng.random_sample((rows, cols)))  # noqa: E731
+    factors = [f.numpy() for f in cp_svd_init(torch.from_numpy(w), rank, fill)]
+    return tl.cp_tensor.CPTensor((np.ones(rank), factors))
 
 
 def cp_conv(

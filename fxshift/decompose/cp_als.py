@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .cp import CPFactors, cp_max_rank
+from .cp_init import cp_svd_init
 
 __all__ = ["cp_als", "cp_error_curve", "cp_break_even_rank", "cp_kernel"]
 
@@ -77,26 +78,11 @@ def _gram(f: torch.Tensor) -> torch.Tensor:
 
 
 def _svd_init(k: _Kernel, rank: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """tensorly's 'svd' init: leading left singular vectors of each unfolding (mode 0 scaled by
-    the singular values); seeded uniform random columns where a mode is shorter than the rank."""
-    w = k.weight.double()
-    factors = []
-    for mode in range(4):
-        unfolding = w.movedim(mode, 0).reshape(w.shape[mode], -1)
-        # Left singular vectors from the small Gram matrix: unfoldings here are short and wide.
-        evals, evecs = torch.linalg.eigh(unfolding @ unfolding.t())
-        order = torch.argsort(evals, descending=True)
-        u = evecs[:, order]
-        sv = evals[order].clamp_min(0).sqrt()
-        take = min(rank, u.shape[1])
-        u = u[:, :take]
-        if mode == 0:
-            u = u * sv[:take]
-        if take < rank:
-            extra = torch.rand(u.shape[0], rank - take, generator=generator, dtype=torch.float64)
-            u = torch.cat([u, extra], dim=1)
-        factors.append(u.to(k.weight.dtype))
-    return factors
+    """tensorly's 'svd' init (fxshift.decompose.cp_init): leading left singular vectors of each
+    unfolding (mode 0 scaled by the singular values); seeded uniform random columns where a mode
+    is shorter than the rank."""
+    fill = lambda rows, cols: torch.rand(rows, cols, generator=generator, dtype=torch.float64)  # noqa: E731
+    return [f.to(k.weight.dtype) for f in cp_svd_init(k.weight, rank, fill)]
 
 
 def _channel_kr(b: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 
 from ..errors import ConfigError
 from .rank_setting import Absolute, Energy, Fraction, PerMode, RankSpec, VBMF, is_data_driven, parse_rank
+from .gram import leading_left_vectors, squared_singular_values
+from .tucker import clamp_tucker2_ranks
 
 
 def energy_rank(singular: torch.Tensor, tau: float) -> int:
@@ -95,7 +97,7 @@ def mode_rank(spec: Any, size: int, unfolding: Optional[torch.Tensor], layer: st
     spec = parse_rank(spec, layer)
     if is_data_driven(spec) and unfolding is None:
         raise ConfigError(f"{_where(layer, size, mode, 'channels')}: rank {spec} needs the layer's weight")
-    spectrum = (lambda: torch.linalg.svdvals(unfolding.detach().double())) if unfolding is not None else None
+    spectrum = (lambda: squared_singular_values(unfolding).sqrt()) if unfolding is not None else None
     matrices = (lambda: [unfolding]) if unfolding is not None else None
     return low_rank(spec, size, layer, spectrum=spectrum, matrices=matrices, mode=mode)
 
@@ -127,7 +129,9 @@ def hosvd_errors(weight: torch.Tensor, rank_pairs: Sequence[tuple[int, int]]) ->
     Projects the kernel onto the leading r_out left singular vectors of its output unfolding and
     r_in of its input unfolding: err² = 1 − ‖U_outᵀ ×₀ W ×₁ U_in‖² / ‖W‖². HOOI (tucker2) starts
     from this point and only lowers the error, so it is an upper bound close to the final error;
-    every pair costs one lookup in a 2-D cumulative sum.
+    the singular vectors come from the eigh of each unfolding's smaller Gram matrix (at most
+    min(T, S·kh·kw) and min(S, T·kh·kw) of them: ranks beyond add nothing), and every pair costs
+    one lookup in a 2-D cumulative sum.
     """
     w = weight.detach().double()
     t, s = w.shape[:2]
@@ -136,12 +140,13 @@ def hosvd_errors(weight: torch.Tensor, rank_pairs: Sequence[tuple[int, int]]) ->
         return [0.0 for _ in rank_pairs]
     w0 = w.reshape(t, -1)
     w1 = w.transpose(0, 1).reshape(s, -1)
-    _, u_out = torch.linalg.eigh(w0 @ w0.t())
-    _, u_in = torch.linalg.eigh(w1 @ w1.t())
-    u_out, u_in = u_out.flip(1), u_in.flip(1)  # descending
+    u_out, _ = leading_left_vectors(w0, min(w0.shape))
+    u_in, _ = leading_left_vectors(w1, min(w1.shape))
     rotated = torch.einsum("ta,tsij,sb->abij", u_out, w, u_in)
     energy = rotated.pow(2).sum(dim=(2, 3)).cumsum(0).cumsum(1)
-    return [math.sqrt(max(0.0, 1.0 - float(energy[r_out - 1, r_in - 1]) / total)) for r_out, r_in in rank_pairs]
+    k_out, k_in = energy.shape
+    return [math.sqrt(max(0.0, 1.0 - float(energy[min(r_out, k_out) - 1, min(r_in, k_in) - 1]) / total))
+            for r_out, r_in in rank_pairs]
 
 
 # ----- Ranks that keep about a given fraction of a layer's parameters (Budget candidates) ----------
@@ -164,11 +169,15 @@ def tucker1_rank_for_cost(shape: Sequence[int], fraction: float) -> int:
 
 def tucker2_ranks_for_cost(shape: Sequence[int], fraction: float) -> tuple[int, int]:
     """(r_out, r_in) = f·(T, S) with f²·T·S·kh·kw + f·(S² + T²) ≈ fraction·T·S·kh·kw (core plus the
-    two 1×1 convs)."""
+    two 1×1 convs), clamped to ranks the kernel can use; for a 1×1 conv one rank r with
+    r² + r·(S + T) ≈ fraction·S·T."""
     t, s, kh, kw = (int(d) for d in shape)
+    if kh * kw == 1:  # a 1×1 conv: both ranks clamp to one r (fxshift.decompose.tucker.clamp_tucker2_ranks)
+        r = (-(s + t) + math.sqrt((s + t) ** 2 + 4.0 * fraction * s * t)) / 2.0  # r² + r·(S+T) = fraction·S·T
+        return _clamp(r, min(s, t)), _clamp(r, min(s, t))
     a, b = t * s * kh * kw, s * s + t * t
     f = (-b + math.sqrt(b * b + 4.0 * a * a * fraction)) / (2.0 * a)
-    return _clamp(f * t, t), _clamp(f * s, s)
+    return clamp_tucker2_ranks((t, s, kh, kw), (_clamp(f * t, t), _clamp(f * s, s)))
 
 
 def spatial_rank_for_cost(shape: Sequence[int], groups: int, fraction: float, max_rank: int) -> int:

@@ -5,6 +5,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .gram import serial_lapack
+
 
 class SVDFactors(NamedTuple):
     """W ≈ second @ first: `first` is r×S (√Σ·Vᵀ), `second` is T×r (U·√Σ)."""
@@ -30,7 +32,8 @@ def gram_svd(matrix: torch.Tensor, n_eigenvecs: Optional[int] = None, **_: objec
     transpose = matrix.shape[0] > matrix.shape[1]
     a = matrix.T if transpose else matrix
     k = min(a.shape) if n_eigenvecs is None else min(n_eigenvecs, min(a.shape))
-    eigenvalues, vectors = torch.linalg.eigh(a @ a.T)
+    with serial_lapack():  # see fxshift.decompose.gram
+        eigenvalues, vectors = torch.linalg.eigh(a @ a.T)
     order = torch.argsort(eigenvalues, descending=True)[:k]
     s = eigenvalues[order].clamp_min(0).sqrt()
     u = vectors[:, order]

@@ -7,7 +7,6 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 from ..context import add_budget_summary, budget_summaries, example_inputs_of, report_of
 from ..costs import input_shapes, parameter_count, proxy_input_shape, shape_macs
 from ..decompose.budget import Budget
+from ..decompose.gram import squared_singular_values
 from ..decompose.planner import plan_budget
 from ..decompose.rank_setting import rank_for_layer
 from ..decompose.ranks import distinct, first_mode, linear_rank_for_cost, mode_rank, tail_error
@@ -53,7 +53,7 @@ def linear_candidates(module: nn.Linear, fractions: Sequence[float]) -> list[tup
     """Budget candidates of a Linear: ranks keeping about each fraction of its weights, with their
     exact (Eckart–Young) relative errors."""
     weight = module.weight.detach()
-    spectrum = torch.linalg.svdvals(weight.double())
+    spectrum = squared_singular_values(weight).sqrt()
     return [(r, tail_error(spectrum, r)) for r in distinct(linear_rank_for_cost(weight.shape, f) for f in fractions)]
 
 
