@@ -171,12 +171,12 @@ def _adaround(w: torch.Tensor, s: torch.Tensor, st: InputStats, wc: torch.Tensor
     gap = hi - lo
     frac = torch.where(gap > 0, (a - lo) / gap.clamp(min=1e-30), torch.zeros_like(a))
     frac = frac.clamp(0.01, 0.99)
-    v = (-torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1)).requires_grad_(True)
+    v = -torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1)
+    m1, m2 = torch.zeros_like(v), torch.zeros_like(v)  # Adam moments (plain Adam, betas 0.9 / 0.999)
     step = s.unsqueeze(-1) * sign * gap  # dŵ/dh
     base = s.unsqueeze(-1) * sign * lo
     ref = _row_errors(w, torch.zeros_like(s), base + step * (frac > 0.5), torch.zeros_like(s), st, wc).sum()
     norm = float(ref) if float(ref) > 0 else 1.0
-    opt = torch.optim.Adam([v], lr=lr)
     warm = int(0.2 * iterations)
     count = w.numel()
     for it in range(iterations):
@@ -192,10 +192,11 @@ def _adaround(w: torch.Tensor, s: torch.Tensor, st: InputStats, wc: torch.Tensor
                 d = 2 * h - 1
                 grad_h = grad_h - lam / count * beta * d.abs().pow(beta - 1) * torch.sign(d) * 2
             inside = ((raw > 0) & (raw < 1)).to(v.dtype)
-            v.grad = grad_h * sig * (1 - sig) * (_ZETA - _GAMMA) * inside
-        opt.step()
-    with torch.no_grad():
-        return sign * (lo + gap * (v >= 0).to(lo.dtype))
+            grad = grad_h * sig * (1 - sig) * (_ZETA - _GAMMA) * inside
+            m1.mul_(0.9).add_(grad, alpha=0.1)
+            m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
+            v -= lr * (m1 / (1 - 0.9 ** (it + 1))) / ((m2 / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
+    return sign * (lo + gap * (v >= 0).to(lo.dtype))
 
 
 @torch.no_grad()
@@ -237,8 +238,7 @@ def calibrate_shift_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], s
     q_near = nearest_log_codes(w / s.unsqueeze(-1), weight_bits)
     q, rows = q_near, 0
     if adaround and iterations > 0:
-        with torch.enable_grad():
-            q_ada = _adaround(w, s, stats, wc, weight_bits, iterations, lam, lr)
+        q_ada = _adaround(w, s, stats, wc, weight_bits, iterations, lam, lr)
         take = errors(q_ada, s) < errors(q_near, s)
         rows = int(take.sum())
         q = torch.where(take.unsqueeze(-1), q_ada, q_near)
