@@ -147,6 +147,7 @@ def output_error(weight: torch.Tensor, bias: Optional[torch.Tensor], new_weight:
                  new_bias: Optional[torch.Tensor], stats: InputStats) -> float:
     """‖y − ŷ‖ / ‖y‖ over the calibration data, y from (weight, bias) on x, ŷ from (new_weight, new_bias) on x̃."""
     g = stats.h_ff.shape[0]
+    weight, new_weight = weight.reshape(weight.shape[0], -1), new_weight.reshape(weight.shape[0], -1)
     zeros = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     w, w_hat = _grouped(weight.float(), g), _grouped(new_weight.float(), g)
     b = _grouped(zeros if bias is None else bias.float(), g)
@@ -207,9 +208,10 @@ def calibrate_shift_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], s
 
     `stats` are the layer's InputStats (G groups, rows split evenly over groups). With adaround=False
     step 2 is nearest-in-log rounding at the chosen scale."""
-    o = weight.shape[0]
+    shape, o = weight.shape, weight.shape[0]
+    weight = weight.detach().reshape(o, -1)
     g = stats.h_ff.shape[0]
-    w = _grouped(weight.detach().float(), g)
+    w = _grouped(weight.float(), g)
     zeros = torch.zeros(o, dtype=torch.float32, device=weight.device)
     b = _grouped(zeros if bias is None else bias.detach().float(), g)
     wc = w @ stats.c_fq
@@ -246,7 +248,7 @@ def calibrate_shift_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], s
     w_hat = s.unsqueeze(-1) * q
     b_hat = b + (w * stats.mean_f.unsqueeze(1)).sum(-1) - (w_hat * stats.mean_q.unsqueeze(1)).sum(-1)
     plain = nearest_log_codes(weight.detach().float(), weight_bits)
-    return CalibrationResult(codes=q.reshape(weight.shape).to(weight.dtype), scale=s.reshape(o), bias=b_hat.reshape(o),
+    return CalibrationResult(codes=q.reshape(shape).to(weight.dtype), scale=s.reshape(o), bias=b_hat.reshape(o),
                              error_plain=output_error(weight, bias, plain, bias, stats),
                              error_calibrated=output_error(weight, bias, w_hat.reshape(weight.shape), b_hat.reshape(o),
                                                            stats),
