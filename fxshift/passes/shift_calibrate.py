@@ -118,6 +118,15 @@ def calibrate_graph(gm: fx.GraphModule, batches: list[tuple], names: set[str],
             return obj
         raise AssertionError(node.op)
 
+    def checked(node: fx.Node, compute: Callable[[], list]) -> list:
+        try:
+            return compute()
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            shapes = [tuple(t.shape) for t in batches[0]]
+            raise ConfigError(f"calibration batches (first: shapes {shapes}) do not fit the model: node "
+                              f"{node.name} ({node.op} {node.target}) failed with: {err}; give batches shaped "
+                              "like the model's example inputs") from None
+
     try:
         with torch.no_grad():
             for index, node in enumerate(nodes):
@@ -135,7 +144,8 @@ def calibrate_graph(gm: fx.GraphModule, batches: list[tuple], names: set[str],
                     module = gm.get_submodule(node.target)
                     acc = StatsAccumulator()
                     x_node = node.args[0]
-                    env_f[node] = [run(node, env_f, float_gm, i) for i in range(len(batches))]
+                    env_f[node] = checked(node, lambda: [run(node, env_f, float_gm, i)
+                                                         for i in range(len(batches))])
                     layer, _ = convert(node.target, module)
                     for xf, xq in zip(env_f[x_node], env_q[x_node]):
                         acc.add(_columns(module, xf), _columns(module, layer._round_input(xq)))
@@ -148,16 +158,9 @@ def calibrate_graph(gm: fx.GraphModule, batches: list[tuple], names: set[str],
                     if bar is not None:
                         bar.update(1)
                 else:
-                    try:
-                        env_f[node] = [run(node, env_f, float_gm, i) for i in range(len(batches))]
-                        env_q[node] = [run(node, env_q, gm, i) for i in range(len(batches))]
-                    except ConfigError:
-                        raise
-                    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                        shapes = [tuple(t.shape) for t in batches[0]]
-                        raise ConfigError(f"calibration batches (first: shapes {shapes}) do not fit the model: "
-                                          f"node {node.name} ({node.op} {node.target}) failed with: {err}; give "
-                                          "batches shaped like the model's example inputs") from None
+                    env_f[node] = checked(node, lambda: [run(node, env_f, float_gm, i)
+                                                         for i in range(len(batches))])
+                    env_q[node] = [run(node, env_q, gm, i) for i in range(len(batches))]
                 for a in node.all_input_nodes:
                     if last_use.get(a) == index:
                         env_f.pop(a, None)
