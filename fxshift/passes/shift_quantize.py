@@ -32,6 +32,18 @@ class ShiftQuantizePass(PassBase):
         rounding: "deterministic" (round half to even) or "stochastic" (training mode only).
         include, exclude: name patterns ("layer1.*") or module types choosing the layers.
         freeze_sign: PS only: the signs are not trained (requires_grad=False).
+        calibration: mode "q" only: an iterable of input batches (tensors or tuples of tensors, no labels).
+            The layers are then converted one by one in graph order, each fed the activations of the
+            already-converted layers before it, with a per-output-channel float scale (folded into the
+            BatchNorm that follows, else kept as the layer's ``scale``), AdaRound-style choice of the lower
+            or upper power of two per weight, and bias correction (fxshift.quantize.shift_calibration).
+            Rows gain output_error_before (plain rounding) and output_error_after (relative layer output
+            error on the calibration data), scale_in and adaround_rows.
+        iterations: AdaRound steps per layer with calibration (0: nearest rounding at the fitted scale).
+        progress: show a progress bar while calibrating.
+
+    mode "ps" also turns DeepShift-Q shift layers already in the model (e.g. calibrated ones) into
+    DeepShift-PS layers (same codes, scale and bias), to train DeepShift-PS from a calibrated model.
 
     Layers inside modules fxshift inserted (the convs of a TuckerConv2d, the Linears of a
     LowRankLinear) are quantised too. Report rows (action "shifted") carry the extra columns mode,
