@@ -83,7 +83,7 @@ class _FrozenShift(nn.Module):
     method: ClassVar[str] = ""
 
     def _setup(self, rows: int, k: int, bits: int, has_zero: int, bias: bool, activation_bits: Any, mode: str,
-               weight_bits: int, device: Any = None) -> None:
+               weight_bits: int, device: Any = None, scale: bool = False) -> None:
         if not 2 <= bits <= 9 or has_zero not in (0, 1):
             raise ValueError(f"bits={bits}, has_zero={has_zero}: need 2 ≤ bits ≤ 9 and has_zero 0 or 1")
         self.bits, self.has_zero = int(bits), int(has_zero)
@@ -94,6 +94,13 @@ class _FrozenShift(nn.Module):
             self.register_buffer("bias", torch.zeros(rows, dtype=torch.float32, device=device))
         else:
             self.register_buffer("bias", None)
+        # per-output-channel float scale applied after accumulation, before the bias (None: none)
+        self.register_buffer("scale", torch.ones(rows, dtype=torch.float32, device=device) if scale else None)
+
+    def _with_bias(self, spec: dict[str, Any]) -> "_FrozenShift":
+        if spec.get("bias") and self.bias is None:  # calibration gave a bias-less layer one
+            self.bias = torch.zeros(self.words.shape[0], dtype=torch.float32, device=self.words.device)
+        return self
 
     @property
     def weight_bytes(self) -> int:
@@ -118,6 +125,8 @@ class _FrozenShift(nn.Module):
         self.words.copy_(_pack(sign.cpu(), magnitude.cpu(), self.bits, self.has_zero).to(self.words.device))
         if bias is not None:
             self.bias.copy_(bias.detach().to(torch.float32))
+        if layer.scale is not None:
+            self.scale.copy_(layer.scale.detach().to(torch.float32))
 
     def unpacked_weight(self) -> torch.Tensor:
         """The decoded float32 weight (for checks; the forward pass never builds it)."""
@@ -126,7 +135,8 @@ class _FrozenShift(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"method": self.method, "bits": self.bits, "has_zero": self.has_zero, "mode": self.mode,
                 "weight_bits": self.weight_bits,
-                "activation_bits": list(self.activation_bits) if self.activation_bits else None}
+                "activation_bits": list(self.activation_bits) if self.activation_bits else None,
+                "scale": self.scale is not None, "bias": self.bias is not None}
 
     def _format_repr(self) -> str:
         text = f"bits={self.bits}, has_zero={self.has_zero} ({self.mode}, weight_bits={self.weight_bits})"
@@ -144,7 +154,7 @@ class FrozenShiftConv2d(_FrozenShift):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                  padding: Any, dilation: Sequence[int], groups: int, bias: bool, padding_mode: str, *, bits: int,
                  has_zero: int, activation_bits: Any = None, mode: str = "q", weight_bits: int = 5,
-                 device: Any = None):
+                 device: Any = None, scale: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = tuple(int(k) for k in kernel_size)
@@ -152,7 +162,7 @@ class FrozenShiftConv2d(_FrozenShift):
         self.padding, self.padding_mode = padding, padding_mode
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         k = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
-        self._setup(out_channels, k, bits, has_zero, bias, activation_bits, mode, weight_bits, device)
+        self._setup(out_channels, k, bits, has_zero, bias, activation_bits, mode, weight_bits, device, scale)
         left, right, top, bottom = explicit_padding(padding, self.kernel_size, self.dilation)
         self._pre_pad: Optional[tuple[int, int, int, int]] = None
         if padding_mode != "zeros" or left != right or top != bottom:
@@ -173,14 +183,16 @@ class FrozenShiftConv2d(_FrozenShift):
         bits, has_zero = packing_width(layer.mode, layer.weight_bits, has_zeros)
         device = next(layer.parameters()).device
         frozen = cls._like(layer, bits, has_zero, activation_bits=layer.activation_bits, mode=layer.mode,
-                           weight_bits=layer.weight_bits, device=device)
+                           weight_bits=layer.weight_bits, device=device, scale=layer.scale is not None)
         frozen._load(layer, layer.out_channels)
         return frozen
 
     @classmethod
     def from_spec(cls, original: nn.Module, spec: dict[str, Any]) -> "FrozenShiftConv2d":
-        return cls._like(original, spec["bits"], spec["has_zero"], activation_bits=spec.get("activation_bits"),
-                         mode=spec.get("mode", "q"), weight_bits=spec.get("weight_bits", 5))
+        frozen = cls._like(original, spec["bits"], spec["has_zero"], activation_bits=spec.get("activation_bits"),
+                           mode=spec.get("mode", "q"), weight_bits=spec.get("weight_bits", 5),
+                           scale=bool(spec.get("scale")))
+        return frozen._with_bias(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._prepare(x)
@@ -188,7 +200,7 @@ class FrozenShiftConv2d(_FrozenShift):
             x = F.pad(x, self._pre_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         return torch.ops.fxshift.shift_conv2d(x, self.words, list(self.weight_shape), list(self.stride),
                                               list(self._op_padding), list(self.dilation), self.groups, self.bits,
-                                              bool(self.has_zero), self.bias)
+                                              bool(self.has_zero), self.bias, self.scale)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -203,11 +215,13 @@ class FrozenShiftLinear(_FrozenShift):
     method = "frozen_shift_linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, bits: int, has_zero: int,
-                 activation_bits: Any = None, mode: str = "q", weight_bits: int = 5, device: Any = None):
+                 activation_bits: Any = None, mode: str = "q", weight_bits: int = 5, device: Any = None,
+                 scale: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
-        self._setup(out_features, in_features, bits, has_zero, bias, activation_bits, mode, weight_bits, device)
+        self._setup(out_features, in_features, bits, has_zero, bias, activation_bits, mode, weight_bits, device,
+                    scale)
 
     @classmethod
     def from_shift(cls, layer: ShiftLinear) -> "FrozenShiftLinear":
@@ -216,19 +230,21 @@ class FrozenShiftLinear(_FrozenShift):
         device = next(layer.parameters()).device
         frozen = cls(layer.in_features, layer.out_features, layer.bias is not None, bits=bits, has_zero=has_zero,
                      activation_bits=layer.activation_bits, mode=layer.mode, weight_bits=layer.weight_bits,
-                     device=device)
+                     device=device, scale=layer.scale is not None)
         frozen._load(layer, layer.out_features)
         return frozen
 
     @classmethod
     def from_spec(cls, original: nn.Module, spec: dict[str, Any]) -> "FrozenShiftLinear":
-        return cls(original.in_features, original.out_features, original.bias is not None, bits=spec["bits"],
+        return cls(original.in_features, original.out_features, spec.get("bias", original.bias is not None),
+                   bits=spec["bits"],
                    has_zero=spec["has_zero"], activation_bits=spec.get("activation_bits"),
-                   mode=spec.get("mode", "q"), weight_bits=spec.get("weight_bits", 5))
+                   mode=spec.get("mode", "q"), weight_bits=spec.get("weight_bits", 5),
+                   scale=bool(spec.get("scale")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.fxshift.shift_linear(self._prepare(x), self.words, self.out_features, self.bits,
-                                              bool(self.has_zero), self.bias)
+                                              bool(self.has_zero), self.bias, self.scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -21,6 +21,7 @@ straight-through gradient; None keeps float activations; (16, 16) is the paper's
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, ClassVar, Optional, Sequence, Union
 
@@ -232,6 +233,9 @@ class _ShiftLayer(nn.Module):
             self.bias = nn.Parameter(torch.zeros(weight_shape[0], **factory))
         else:
             self.register_parameter("bias", None)
+        # optional per-output-channel float scale, applied after accumulation and before the bias
+        # (set by calibrated conversion, fxshift.quantize.shift_calibration; None: no scale)
+        self.register_buffer("scale", None)
 
     # ---- the effective weights -----------------------------------------------------------
     @property
@@ -246,6 +250,27 @@ class _ShiftLayer(nn.Module):
         if self.mode == "q":
             return quantize_q(self.weight, self.weight_bits, self._rounding_now())
         return ps_weight(self.shift, self.sign, self.weight_bits, self._rounding_now())
+
+    @torch.no_grad()
+    def set_scale(self, scale: Optional[torch.Tensor]) -> None:
+        """Set (or with None remove) the per-output-channel scale y = scale ⊙ (W_q ∗ x) + bias."""
+        if scale is None:
+            self.scale = None
+            return
+        rows = (self.weight if self.mode == "q" else self.shift).shape[0]
+        if scale.shape != (rows,):
+            raise ConfigError(f"scale of shape {tuple(scale.shape)} does not fit {rows} output channels")
+        ref = self.weight if self.mode == "q" else self.shift
+        self.scale = scale.detach().to(device=ref.device, dtype=ref.dtype).clone()
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        """Apply the scale (per output channel, dim 1 for convs, last for linears) and the bias."""
+        bias = self.quantized_bias()
+        if self.scale is not None:
+            y = y * (self.scale.view(-1, 1, 1) if y.dim() == 4 and isinstance(self, ShiftConv2d) else self.scale)
+        if bias is not None:
+            y = y + (bias.view(-1, 1, 1) if isinstance(self, ShiftConv2d) else bias)
+        return y
 
     def quantized_bias(self) -> Optional[torch.Tensor]:
         if self.bias is None or self.activation_bits is None:
@@ -288,7 +313,7 @@ class _ShiftLayer(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"method": self.method, "mode": self.mode, "weight_bits": self.weight_bits, "rounding": self.rounding,
                 "activation_bits": list(self.activation_bits) if self.activation_bits else None,
-                "freeze_sign": self.freeze_sign}
+                "freeze_sign": self.freeze_sign, "scale": self.scale is not None, "bias": self.bias is not None}
 
     @staticmethod
     def _options(spec: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +323,27 @@ class _ShiftLayer(nn.Module):
     def _finish_from_spec(self, spec: dict[str, Any]) -> "_ShiftLayer":
         if self.mode == "ps" and spec.get("freeze_sign"):
             self.sign.requires_grad_(False)
+        if spec.get("bias") and self.bias is None:  # calibration gave a bias-less layer one
+            ref = self.weight if self.mode == "q" else self.shift
+            self.bias = nn.Parameter(torch.zeros(ref.shape[0], dtype=ref.dtype, device=ref.device))
+        if spec.get("scale"):  # values come with the state dict
+            ref = self.weight if self.mode == "q" else self.shift
+            self.scale = torch.ones(ref.shape[0], dtype=ref.dtype, device=ref.device)
         return self
+
+    def as_ps(self, freeze_sign: bool = False) -> "_ShiftLayer":
+        """A DeepShift-PS copy of this DeepShift-Q layer (e.g. a calibrated one): P, S from its eval-mode
+        weights (shifts clamped into the PS range), same bias and scale."""
+        if self.mode != "q":
+            raise ConfigError("as_ps() converts DeepShift-Q layers; this layer is already mode='ps'")
+        new = copy.deepcopy(self)
+        weight = new.weight
+        del new.weight
+        new.mode = "ps"
+        p, sign = ps_init(_quantize_q_value(weight.detach(), self.weight_bits, "deterministic"), self.weight_bits)
+        new.shift = nn.Parameter(p)
+        new.sign = nn.Parameter(sign, requires_grad=not freeze_sign)
+        return new
 
     def _mode_repr(self) -> str:
         text = f"mode={self.mode}, weight_bits={self.weight_bits}, rounding={self.rounding}"
@@ -391,7 +436,9 @@ class ShiftConv2d(_ShiftLayer):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self._round_input(x), self.quantized_weight(), self.quantized_bias())
+        if self.scale is None:
+            return self.conv(self._round_input(x), self.quantized_weight(), self.quantized_bias())
+        return self._finish(self.conv(self._round_input(x), self.quantized_weight(), None))
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -434,7 +481,9 @@ class ShiftLinear(_ShiftLayer):
         return cls.from_linear(original, init=False, **cls._options(spec))._finish_from_spec(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._round_input(x), self.quantized_weight(), self.quantized_bias())
+        if self.scale is None:
+            return F.linear(self._round_input(x), self.quantized_weight(), self.quantized_bias())
+        return self._finish(F.linear(self._round_input(x), self.quantized_weight(), None))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

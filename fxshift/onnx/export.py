@@ -59,23 +59,39 @@ def _translation_table() -> dict:
 
         return _standard_op().Constant(value=ir.tensor(np.zeros(int(n), dtype=np.float32)))
 
-    def shift_conv2d(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
-        ph, pw = (int(p) for p in padding)
-        if bias is None:
-            bias = zeros(weight_shape[0])
-        return fx.ShiftConv2d(x, words, bias, weight_shape=[int(d) for d in weight_shape],
-                              strides=[int(s) for s in stride], pads=[ph, pw, ph, pw],
-                              dilations=[int(d) for d in dilation], group=int(groups), bits=int(bits),
-                              has_zero=int(bool(has_zero)))
+    def scaled(y, scale, bias, conv: bool):
+        # Per-channel scale after accumulation, then the bias, as standard Mul/Add after the custom node
+        # (correct with the plugin and with the function bodies). ISSUE-12 MERGE POINT: pass the scale as
+        # the nodes' optional "scale" input once the plugin and the function bodies take it.
+        op = _standard_op()
+        if conv:
+            import numpy as np
+            import onnx_ir as ir
 
-    def shift_linear(x, words, out_features, bits, has_zero, bias=None):
+            shape = op.Constant(value=ir.tensor(np.array([-1, 1, 1], dtype=np.int64)))
+            scale = op.Reshape(scale, shape)
+            bias = None if bias is None else op.Reshape(bias, shape)
+        y = op.Mul(y, scale)
+        return y if bias is None else op.Add(y, bias)
+
+    def shift_conv2d(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None,
+                     scale=None):
+        ph, pw = (int(p) for p in padding)
+        node_bias = bias if bias is not None and scale is None else zeros(weight_shape[0])
+        y = fx.ShiftConv2d(x, words, node_bias, weight_shape=[int(d) for d in weight_shape],
+                           strides=[int(s) for s in stride], pads=[ph, pw, ph, pw],
+                           dilations=[int(d) for d in dilation], group=int(groups), bits=int(bits),
+                           has_zero=int(bool(has_zero)))
+        return y if scale is None else scaled(y, scale, bias, True)
+
+    def shift_linear(x, words, out_features, bits, has_zero, bias=None, scale=None):
         in_features = x.shape[-1] if x.shape is not None else None
         if not isinstance(in_features, int):
             raise ExportError(f"fxshift::shift_linear: the input's last dimension must be static, got {in_features}")
-        if bias is None:
-            bias = zeros(out_features)
-        return fx.ShiftLinear(x, words, bias, in_features=int(in_features), out_features=int(out_features),
-                              bits=int(bits), has_zero=int(bool(has_zero)))
+        node_bias = bias if bias is not None and scale is None else zeros(out_features)
+        y = fx.ShiftLinear(x, words, node_bias, in_features=int(in_features), out_features=int(out_features),
+                           bits=int(bits), has_zero=int(bool(has_zero)))
+        return y if scale is None else scaled(y, scale, bias, False)
 
     from .gated import translation_table as gated_table
 

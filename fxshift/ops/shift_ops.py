@@ -115,18 +115,33 @@ def _check_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits:
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-def _linear_cpu(x, words, out_features, bits, has_zero, bias=None):
+def _scaled(y: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], channel_dim: int
+            ) -> torch.Tensor:
+    """y ⊙ scale + bias per output channel (dim `channel_dim`): the scale step of a native call made
+    without the bias. ISSUE-12 MERGE POINT: fuse into the kernels' epilogue once the C API takes a scale."""
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    y = y * scale.view(shape)
+    return y if bias is None else y + bias.view(shape)
+
+
+def _linear_cpu(x, words, out_features, bits, has_zero, bias=None, scale=None):
     from . import native
 
     k = _check_linear(x, words, out_features, bits, has_zero, bias)
+    _check_bias(scale, out_features, x, "fxshift::shift_linear (scale)")
     x2 = x.reshape(-1, k).contiguous()
+    native_bias = bias if scale is None else None
     y = native.shift_linear(x2, words.contiguous(), out_features, bits, int(has_zero),
-                            None if bias is None else bias.contiguous())
+                            None if native_bias is None else native_bias.contiguous())
+    if scale is not None:
+        y = _scaled(y, scale, bias, 1)
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def _linear_fake(x, words, out_features, bits, has_zero, bias=None):
+def _linear_fake(x, words, out_features, bits, has_zero, bias=None, scale=None):
     _check_linear(x, words, out_features, bits, has_zero, bias)
+    _check_bias(scale, out_features, x, "fxshift::shift_linear (scale)")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -144,35 +159,46 @@ def _cuda_backend():
     return cuda
 
 
-def _linear_cuda(x, words, out_features, bits, has_zero, bias=None):
+def _linear_cuda(x, words, out_features, bits, has_zero, bias=None, scale=None):
     k = _check_linear(x, words, out_features, bits, has_zero, bias)
+    _check_bias(scale, out_features, x, "fxshift::shift_linear (scale)")
     cuda = _cuda_backend()
     x2 = x.reshape(-1, k).contiguous()
+    native_bias = bias if scale is None else None
     y = cuda.shift_linear(x2, words.contiguous(), out_features, bits, int(has_zero),
-                          None if bias is None else bias.contiguous())
+                          None if native_bias is None else native_bias.contiguous())
+    if scale is not None:
+        y = _scaled(y, scale, bias, 1)
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def _conv_cpu(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+def _conv_cpu(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None, scale=None):
     from . import native
 
     _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
-    return native.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
-                               tuple(padding), tuple(dilation), groups, bits, int(has_zero),
-                               None if bias is None else bias.contiguous())
+    _check_bias(scale, weight_shape[0], x, "fxshift::shift_conv2d (scale)")
+    native_bias = bias if scale is None else None
+    y = native.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
+                            tuple(padding), tuple(dilation), groups, bits, int(has_zero),
+                            None if native_bias is None else native_bias.contiguous())
+    return y if scale is None else _scaled(y, scale, bias, 1)
 
 
-def _conv_fake(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+def _conv_fake(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None, scale=None):
     oh, ow = _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
+    _check_bias(scale, weight_shape[0], x, "fxshift::shift_conv2d (scale)")
     return x.new_empty((x.shape[0], weight_shape[0], oh, ow))
 
 
-def _conv_cuda(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None):
+def _conv_cuda(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None, scale=None):
     _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
+    _check_bias(scale, weight_shape[0], x, "fxshift::shift_conv2d (scale)")
     cuda = _cuda_backend()
-    return cuda.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
-                             tuple(padding), tuple(dilation), groups, bits, int(has_zero),
-                             None if bias is None else bias.contiguous())
+    native_bias = bias if scale is None else None
+    y = cuda.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
+                          tuple(padding), tuple(dilation), groups, bits, int(has_zero),
+                          None if native_bias is None else native_bias.contiguous())
+    return y if scale is None else _scaled(y, scale, bias, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,9 +206,10 @@ def _conv_cuda(x, words, weight_shape, stride, padding, dilation, groups, bits, 
 # --------------------------------------------------------------------------------------------
 SCHEMAS = {
     "shift_linear": "shift_linear(Tensor x, Tensor words, int out_features, int bits, bool has_zero, "
-                    "Tensor? bias=None) -> Tensor",
+                    "Tensor? bias=None, Tensor? scale=None) -> Tensor",
     "shift_conv2d": "shift_conv2d(Tensor x, Tensor words, int[] weight_shape, int[] stride, int[] padding, "
-                    "int[] dilation, int groups, int bits, bool has_zero, Tensor? bias=None) -> Tensor",
+                    "int[] dilation, int groups, int bits, bool has_zero, Tensor? bias=None, "
+                    "Tensor? scale=None) -> Tensor",
 }
 _KERNELS = {"shift_linear": (_linear_cpu, _linear_cuda, _linear_fake),
             "shift_conv2d": (_conv_cpu, _conv_cuda, _conv_fake)}
@@ -208,17 +235,17 @@ for _name, _schema in SCHEMAS.items():
 
 
 def shift_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits: int, has_zero: bool,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ Wᵀ + bias with W decoded from packed shift codes; x is (..., in_features), float32.
+                 bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = (x @ Wᵀ) ⊙ scale + bias (scale optional, per output feature) with W decoded from packed shift codes; x is (..., in_features), float32.
 
     Calls torch.ops.fxshift.shift_linear (CPU: native kernels; CUDA: CUDA kernels)."""
-    return torch.ops.fxshift.shift_linear(x, words, out_features, bits, has_zero, bias)
+    return torch.ops.fxshift.shift_linear(x, words, out_features, bits, has_zero, bias, scale)
 
 
 def shift_conv2d(x: torch.Tensor, words: torch.Tensor, weight_shape: Sequence[int], stride: Sequence[int],
                  padding: Sequence[int], dilation: Sequence[int], groups: int, bits: int, has_zero: bool,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """conv2d(x, W, bias) with torch semantics (zero padding, NCHW float32) and W of `weight_shape`
     (O, C_in/groups, kh, kw) decoded from packed codes. Calls torch.ops.fxshift.shift_conv2d."""
     return torch.ops.fxshift.shift_conv2d(x, words, list(weight_shape), list(stride), list(padding), list(dilation),
-                                          groups, bits, has_zero, bias)
+                                          groups, bits, has_zero, bias, scale)

@@ -1,7 +1,7 @@
 """ShiftQuantizePass: replace Conv2d and Linear layers by DeepShift layers (docs/methods.md §1)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -13,8 +13,9 @@ from ..costs import input_shapes, layer_macs, parameter_count
 from ..errors import ConfigError
 from ..nn.frozen_shift import packed_bytes, packing_width
 from ..nn.shift import (ActivationBits, check_activation_bits, check_mode, check_rounding, check_weight_bits,
-                        shift_layer_from)
+                        shift_layer_from, SHIFT_LAYERS)
 from ..report import ReportRow
+from .shift_calibrate import calibrate_graph, calibration_batches
 from ..graph import LayerFilter, Selector, candidate_layers, replace_module
 
 
@@ -31,6 +32,18 @@ class ShiftQuantizePass(PassBase):
         rounding: "deterministic" (round half to even) or "stochastic" (training mode only).
         include, exclude: name patterns ("layer1.*") or module types choosing the layers.
         freeze_sign: PS only: the signs are not trained (requires_grad=False).
+        calibration: mode "q" only: an iterable of input batches (tensors or tuples of tensors, no labels).
+            The layers are then converted one by one in graph order, each fed the activations of the
+            already-converted layers before it, with a per-output-channel float scale (folded into the
+            BatchNorm that follows, else kept as the layer's ``scale``), AdaRound-style choice of the lower
+            or upper power of two per weight, and bias correction (fxshift.quantize.shift_calibration).
+            Rows gain output_error_before (plain rounding) and output_error_after (relative layer output
+            error on the calibration data), scale_in and adaround_rows.
+        iterations: AdaRound steps per layer with calibration (0: nearest rounding at the fitted scale).
+        progress: show a progress bar while calibrating.
+
+    mode "ps" also turns DeepShift-Q shift layers already in the model (e.g. calibrated ones) into
+    DeepShift-PS layers (same codes, scale and bias), to train DeepShift-PS from a calibrated model.
 
     Layers inside modules fxshift inserted (the convs of a TuckerConv2d, the Linears of a
     LowRankLinear) are quantised too. Report rows (action "shifted") carry the extra columns mode,
@@ -49,7 +62,7 @@ class ShiftQuantizePass(PassBase):
 
     def __init__(self, mode: str = "q", weight_bits: int = 5, activation_bits: ActivationBits = None,
                  rounding: str = "deterministic", include: Selector = None, exclude: Selector = None,
-                 freeze_sign: bool = False):
+                 freeze_sign: bool = False, calibration: Any = None, iterations: int = 100, progress: bool = True):
         self.mode = check_mode(mode)
         self.weight_bits = check_weight_bits(weight_bits)
         self.activation_bits = check_activation_bits(activation_bits)
@@ -58,14 +71,56 @@ class ShiftQuantizePass(PassBase):
             raise ConfigError("freeze_sign=True applies to mode='ps' only (DeepShift-Q has no separate sign)")
         self.freeze_sign = bool(freeze_sign)
         self.filter = LayerFilter(include, exclude)
+        if calibration is not None and mode != "q":
+            raise ConfigError("calibration applies to mode='q': calibrate with ShiftQuantizePass(mode='q', "
+                              "calibration=...) first, then apply ShiftQuantizePass(mode='ps') to the result to "
+                              "train DeepShift-PS from the calibrated shifts")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ConfigError(f"iterations={iterations!r}: give an int ≥ 0 (AdaRound steps per layer; 0: nearest "
+                              "rounding at the calibrated scale)")
+        self.iterations, self.progress = iterations, bool(progress)
+        self.calibration = None if calibration is None else calibration_batches(calibration)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         inputs = example_inputs_of(gm)
         shapes = input_shapes(gm, inputs) if inputs is not None else {}
         rows = report_of(gm)
         modified = False
-        for name, module in list(candidate_layers(gm, self.layer_types, self.filter, inside_fxshift=True)):
-            row = self.visit(gm, name, module, shapes.get(name))
+        if self.mode == "ps":  # DeepShift-Q layers (e.g. calibrated ones) become DeepShift-PS, scale kept
+            for name, module in list(gm.named_modules()):
+                if isinstance(module, SHIFT_LAYERS) and module.mode == "q" and self.filter(name, module) \
+                        and module.weight_bits == self.weight_bits:
+                    replace_module(gm, name, module.as_ps(self.freeze_sign))
+                    rows.add(ReportRow(layer=name, pass_name=type(self).__name__, action="shifted",
+                                       reason="DeepShift-Q layer to DeepShift-PS", extra={"mode": "ps"}))
+                    modified = True
+        candidates = list(candidate_layers(gm, self.layer_types, self.filter, inside_fxshift=True))
+        done: dict[str, ReportRow] = {}
+        if self.calibration is not None:
+            called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+            names = {name for name, _ in candidates if name in called}
+
+            def convert(name: str, module: nn.Module):
+                row = self.visit(gm, name, module, shapes.get(name))
+                done[name] = row
+                return gm.get_submodule(name), row
+
+            info = calibrate_graph(gm, self.calibration, names, convert, self.weight_bits, self.iterations,
+                                   self.progress)
+            for name, item in info.items():
+                res, row = item["result"], done[name]
+                w = candidates_by_name(candidates)[name].weight.detach().float()
+                eff = res.codes.float() * res.scale.reshape(-1, *([1] * (w.dim() - 1)))
+                norm = torch.linalg.vector_norm(w).item()
+                row.rel_error = torch.linalg.vector_norm(eff - w).item() / norm if norm > 0 else 0.0
+                row.extra.update({"calibrated": True, "output_error_before": res.error_plain,
+                                  "output_error_after": res.error_calibrated, "scale_in": item["scale_in"],
+                                  "adaround_rows": res.adaround_rows})
+        for name, module in candidates:
+            row = done.get(name) or self.visit(gm, name, module, shapes.get(name))
+            if self.calibration is not None and name not in done:
+                row.extra["calibrated"] = False
+                row.reason = "inside an fxshift module (not a graph node): plain rounding"
             modified = modified or row.action == "shifted"
             rows.add(row)
         return PassResult(gm, modified)
@@ -101,3 +156,7 @@ class ShiftQuantizePass(PassBase):
         row.extra = {"mode": self.mode, "bits": bits, "weight_bytes_before": w.numel() * w.element_size(),
                      "weight_bytes_after": packed_bytes(rows_, k, bits)}
         return row
+
+
+def candidates_by_name(candidates: list) -> dict:
+    return dict(candidates)
