@@ -117,8 +117,8 @@ def _check_linear(x: torch.Tensor, words: torch.Tensor, out_features: int, bits:
 # --------------------------------------------------------------------------------------------
 def _scaled(y: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], channel_dim: int
             ) -> torch.Tensor:
-    """y ⊙ scale + bias per output channel (dim `channel_dim`): the scale step of a native call made
-    without the bias. ISSUE-12 MERGE POINT: fuse into the kernels' epilogue once the C API takes a scale."""
+    """y ⊙ scale + bias per output channel (dim `channel_dim`): the scale step of a CUDA call made
+    without the bias (the CPU kernels apply the scale themselves, fxs_shift_*_ex)."""
     shape = [1] * y.dim()
     shape[channel_dim] = -1
     y = y * scale.view(shape)
@@ -131,11 +131,9 @@ def _linear_cpu(x, words, out_features, bits, has_zero, bias=None, scale=None):
     k = _check_linear(x, words, out_features, bits, has_zero, bias)
     _check_bias(scale, out_features, x, "fxshift::shift_linear (scale)")
     x2 = x.reshape(-1, k).contiguous()
-    native_bias = bias if scale is None else None
     y = native.shift_linear(x2, words.contiguous(), out_features, bits, int(has_zero),
-                            None if native_bias is None else native_bias.contiguous())
-    if scale is not None:
-        y = _scaled(y, scale, bias, 1)
+                            None if bias is None else bias.contiguous(),
+                            scale=None if scale is None else scale.contiguous())
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -177,11 +175,10 @@ def _conv_cpu(x, words, weight_shape, stride, padding, dilation, groups, bits, h
 
     _check_conv(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias)
     _check_bias(scale, weight_shape[0], x, "fxshift::shift_conv2d (scale)")
-    native_bias = bias if scale is None else None
-    y = native.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
-                            tuple(padding), tuple(dilation), groups, bits, int(has_zero),
-                            None if native_bias is None else native_bias.contiguous())
-    return y if scale is None else _scaled(y, scale, bias, 1)
+    return native.shift_conv2d(x.contiguous(), words.contiguous(), tuple(weight_shape), tuple(stride),
+                               tuple(padding), tuple(dilation), groups, bits, int(has_zero),
+                               None if bias is None else bias.contiguous(),
+                               scale=None if scale is None else scale.contiguous())
 
 
 def _conv_fake(x, words, weight_shape, stride, padding, dilation, groups, bits, has_zero, bias=None, scale=None):
