@@ -21,7 +21,7 @@ from .errors import RecipeError
 from .nn.base import STRUCTURES
 from .context import record_removed_blocks, removed_blocks_of, set_report
 from .graph import replace_module
-from .passes.dynamic_prune import rebuild_units, unit_recipe
+from .prune.gated_graph import rebuild_units, unit_recipe
 from .prune.blocks import block_from_dict, remove_blocks
 from .report import Report
 from .trace import LeafSpec, trace
