@@ -30,6 +30,7 @@ ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.
 
 
 def output_size(conv: nn.Conv2d, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of `conv`'s output for an input of `shape`."""
     out = []
     for i in range(2):
         k, s, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
