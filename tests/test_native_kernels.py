@@ -79,8 +79,11 @@ def _header_functions(path: Path) -> set:
 
 def test_cdef_matches_headers():
     """The cffi declarations are the header's: a drifting signature would corrupt memory."""
-    cdef = {_normalize(line) for line in native.CDEF.splitlines() + native.CUDA_CDEF.splitlines()
-            if line.strip().endswith(");")}
+    lines = native.CDEF.splitlines() + native.CUDA_CDEF.splitlines()
+    cdef = {_normalize(line) for line in lines if line.strip().endswith(");") and not line.startswith("typedef")}
+    header_text = _normalize(_header_text(REPO / "native" / "include" / "fxshift.h"))
+    for typedef in (line for line in lines if line.startswith("typedef") and line.strip().endswith(");")):
+        assert _normalize(typedef) in header_text, typedef  # callback types the C side calls through
     header = _header_functions(REPO / "native" / "include" / "fxshift.h")
     cuda_header = REPO / "native" / "include" / "fxshift_cuda.h"
     if cuda_header.exists():

@@ -95,6 +95,8 @@ int fxs_cuda_abi_version(void);
 int fxs_cuda_device_count(void);
 int fxs_cuda_shift_linear(const float *x, int64_t x_len, int64_t batch, int64_t in_features, const uint32_t *w, int64_t w_words, int64_t out_features, int bits, int has_zero, const float *bias, int64_t bias_len, float *y, int64_t y_len, void *stream);
 int fxs_cuda_shift_conv2d(const fxs_conv2d_shape *shape, const float *x, int64_t x_len, const uint32_t *w, int64_t w_words, int bits, int has_zero, const float *bias, int64_t bias_len, float *y, int64_t y_len, void *stream);
+int fxs_cuda_shift_linear_ex(const float *x, int64_t x_len, int64_t batch, int64_t in_features, const uint32_t *w, int64_t w_words, int64_t out_features, int bits, int has_zero, const float *scale, int64_t scale_len, const float *bias, int64_t bias_len, float *y, int64_t y_len, void *stream);
+int fxs_cuda_shift_conv2d_ex(const fxs_conv2d_shape *shape, const float *x, int64_t x_len, const uint32_t *w, int64_t w_words, int bits, int has_zero, const float *scale, int64_t scale_len, const float *bias, int64_t bias_len, float *y, int64_t y_len, void *stream);
 """
 
 # fxs_status codes (fxshift.h)
