@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 import fxshift  # noqa: E402
 from fxshift import DynamicPrunePass  # noqa: E402
 from fxshift.data import fashion_mnist  # noqa: E402
+from fxshift.models import BasicBlock  # noqa: E402
 from fxshift.nn import set_gating  # noqa: E402
 from fxshift.train import mask_loss  # noqa: E402
 
@@ -71,29 +72,13 @@ class VGGStyle(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class ResNetStyle(nn.Module):
     """stem 24 @28² → blocks 24→48 (s2), 48→48, 48→96 (s2) → global pool → linear (about 21M MACs)."""
 
     def __init__(self, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(*conv_bn_relu(1, 24))
-        self.blocks = nn.Sequential(Block(24, 48, 2), Block(48, 48, 1), Block(48, 96, 2))
+        self.blocks = nn.Sequential(BasicBlock(24, 48, 2), BasicBlock(48, 48, 1), BasicBlock(48, 96, 2))
         self.fc = nn.Linear(96, classes)
 
     def forward(self, x):

@@ -41,27 +41,11 @@ if str(ROOT) not in sys.path:
 import fxshift  # noqa: E402
 from fxshift import ShiftQuantizePass, TuckerDecomposePass  # noqa: E402
 from fxshift.data import fashion_mnist  # noqa: E402
+from fxshift.models import BasicBlock  # noqa: E402
 from fxshift.train import DecomposeSchedule  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ model
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
 class SmallResNet(nn.Module):
     """A ResNet for 28×28 greyscale images: a stride-2 stem (14×14), three stages of BasicBlocks
     at 14×14, 7×7 and 4×4, global average pooling and a Linear classifier."""
