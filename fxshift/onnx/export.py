@@ -61,8 +61,8 @@ def _translation_table() -> dict:
 
     def scaled(y, scale, bias, conv: bool):
         # Per-channel scale after accumulation, then the bias, as standard Mul/Add after the custom node
-        # (correct with the plugin and with the function bodies). ISSUE-12 MERGE POINT: pass the scale as
-        # the nodes' optional "scale" input once the plugin and the function bodies take it.
+        # (correct with the plugin and with the function bodies). The plugin also accepts the scale as the
+        # nodes' optional 4th input; using it needs the function bodies to take it too (issue 14).
         op = _standard_op()
         if conv:
             import numpy as np
