@@ -163,24 +163,9 @@ int fxs_shift_linear(const float *x, int64_t x_len, int64_t batch, int64_t in_fe
                      const uint32_t *w, int64_t w_words, int64_t out_features, int bits,
                      int has_zero, const float *bias, int64_t bias_len, float *y, int64_t y_len)
 {
-    fxs_linear_sizes sz;
-    fxs_linear_args a;
-    int st = fxs_check_linear(x, x_len, batch, in_features, w, w_words, out_features, bits,
-                              has_zero, bias, bias_len, y, y_len, &sz);
-    if (st != FXS_OK)
-        return st;
-    memset(&a, 0, sizeof a);
-    a.x = x;
-    a.batch = batch;
-    a.in_features = in_features;
-    a.out_features = out_features;
-    a.row_words = sz.row_words;
-    a.w = w;
-    a.bits = bits;
-    a.has_zero = has_zero;
-    a.bias = bias;
-    a.y = y;
-    return fxs_kernels_active()->linear_f32(&a);
+    /* the plain call is the scaled one with no scale, on libfxshift's own pool */
+    return fxs_shift_linear_ex(x, x_len, batch, in_features, w, w_words, out_features, bits, has_zero,
+                               NULL, 0, bias, bias_len, y, y_len, NULL);
 }
 
 int fxs_shift_linear_fixed(const int32_t *x, int64_t x_len, int64_t batch, int64_t in_features,
@@ -376,21 +361,8 @@ int fxs_shift_conv2d(const fxs_conv2d_shape *shape, const float *x, int64_t x_le
                      const uint32_t *w, int64_t w_words, int bits, int has_zero, const float *bias,
                      int64_t bias_len, float *y, int64_t y_len)
 {
-    fxs_conv_args a;
-    int st;
-    memset(&a, 0, sizeof a);
-    st = fxs_check_conv(shape, x, x_len, w, w_words, bits, has_zero, bias, bias_len, y, y_len,
-                        &a.z);
-    if (st != FXS_OK)
-        return st;
-    a.s = *shape;
-    a.x = x;
-    a.w = w;
-    a.bits = bits;
-    a.has_zero = has_zero;
-    a.bias = bias;
-    a.y = y;
-    return fxs_kernels_active()->conv2d_f32(&a);
+    return fxs_shift_conv2d_ex(shape, x, x_len, w, w_words, bits, has_zero, NULL, 0, bias, bias_len, y,
+                               y_len, NULL);
 }
 
 int fxs_shift_conv2d_fixed(const fxs_conv2d_shape *shape, const int32_t *x, int64_t x_len,
