@@ -34,7 +34,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,32 +47,12 @@ if str(ROOT) not in sys.path:
 
 import fxshift  # noqa: E402
 from fxshift.data import fashion_mnist  # noqa: E402
-from fxshift.models import BasicBlock  # noqa: E402
+from fxshift.models import SmallResNet  # noqa: E402
 
 CRITERIA = ("l1", "l2", "bn", "taylor", "imprint", "ensemble")
 
 
 # ------------------------------------------------------------------------------------------ model
-class StagedResNet(nn.Module):
-    """A ResNet for 28×28 greyscale images: a stride-2 3×3 stem, three stages of `blocks`
-    BasicBlocks at 14×14, 7×7 and 4×4, global average pooling and a Linear classifier."""
-
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), blocks: int = 3, classes: int = 10):
-        super().__init__()
-        w1, w2, w3 = widths
-        self.stem = nn.Conv2d(1, w1, 3, 2, 1, bias=False)
-        self.bn = nn.BatchNorm2d(w1)
-        self.layer1 = nn.Sequential(*[BasicBlock(w1, w1, 1) for _ in range(blocks)])
-        self.layer2 = nn.Sequential(BasicBlock(w1, w2, 2), *[BasicBlock(w2, w2, 1) for _ in range(blocks - 1)])
-        self.layer3 = nn.Sequential(BasicBlock(w2, w3, 2), *[BasicBlock(w3, w3, 1) for _ in range(blocks - 1)])
-        self.fc = nn.Linear(w3, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.stem(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
 # --------------------------------------------------------------------------------------- training
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, seed: int) -> float:
     """SGD with momentum and a cosine schedule over `epochs`; returns the seconds spent."""
@@ -202,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     example = torch.randn(args.latency_batch, 1, 28, 28)
 
     load = os.getloadavg()
-    base = StagedResNet(widths, args.blocks)
+    base = SmallResNet(widths, args.blocks)
     t_train = train(base, train_loader, args.epochs, args.lr, args.seed)
     base_acc = accuracy(base, test_loader)
     print(f"base: {base_acc:.2f}% after {args.epochs} epochs ({t_train:.0f} s), "
@@ -264,7 +244,7 @@ def write(result: dict[str, Any], out: Path) -> None:
     lines = [
         "# LayerPrune vs filter pruning at equal measured latency (Fashion-MNIST)",
         "",
-        f"StagedResNet widths {a['widths']}, {a['blocks']} BasicBlocks per stage; {a['train']} training images, "
+        f"SmallResNet (fxshift.models) widths {a['widths']}, {a['blocks']} BasicBlocks per stage; {a['train']} training images, "
         f"{a['test']} test images; {a['epochs']} training epochs, {a['finetune']} fine-tuning epoch(s) for every "
         f"pruned model; blocks scored on {a['calibration']} training images. Latency: onnxruntime CPU, 1 thread, "
         f"batch {a['latency_batch']}, every model timed round-robin in one run (median), as a ratio to the "

@@ -34,3 +34,23 @@ class BasicBlock(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet for 28×28 greyscale images: a stride-2 stem (14×14), three stages of BasicBlocks
+    at 14×14, 7×7 and 4×4, global average pooling and a Linear classifier."""
+
+    def __init__(self, widths: tuple[int, int, int] = (48, 96, 192), blocks: int = 1, classes: int = 10):
+        super().__init__()
+        w1, w2, w3 = widths
+        self.stem = nn.Conv2d(1, w1, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(w1)
+        self.layer1 = nn.Sequential(*[BasicBlock(w1, w1, 1) for _ in range(blocks)])
+        self.layer2 = nn.Sequential(BasicBlock(w1, w2, 2), *[BasicBlock(w2, w2, 1) for _ in range(blocks - 1)])
+        self.layer3 = nn.Sequential(BasicBlock(w2, w3, 2), *[BasicBlock(w3, w3, 1) for _ in range(blocks - 1)])
+        self.fc = nn.Linear(w3, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
