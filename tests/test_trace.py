@@ -112,3 +112,14 @@ def test_concrete_args_pin_a_branch():
 def test_bad_leaf_entry_is_rejected():
     with pytest.raises(TypeError, match="leaf_modules"):
         trace(Outer(), leaf_modules=[42])
+
+
+def test_fxshift_reference_models_are_traced_through_not_kept_opaque():
+    # fxshift.models.BasicBlock lives in the fxshift package but is a user-style module: its convs
+    # must be visible to the passes (only fxshift.nn modules, which passes insert, stay opaque).
+    from fxshift.models import SmallResNet
+
+    gm = fxshift.apply([fxshift.TuckerDecomposePass(rank=0.5, linear=False)], SmallResNet((8, 16, 32), 1),
+                       torch.randn(1, 1, 28, 28))
+    decomposed = {row["layer"] for row in fxshift.report(gm).to_dicts() if row["action"] == "decomposed"}
+    assert {"layer1.0.conv1", "layer2.0.conv2", "layer3.0.conv1"} <= decomposed
