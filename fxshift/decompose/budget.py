@@ -2,13 +2,15 @@
 
 ``Budget(macs=0.5)`` asks a decomposition pass for a model that keeps 50% of the original
 model's total MACs; ``Budget(params=0.3)`` 30% of its parameters; ``Budget(latency=0.5)`` half
-of its onnxruntime CPU latency. The pass then chooses every layer's rank itself:
+of its onnxruntime CPU latency; ``Budget(train_step=0.45, batch=256)`` 45% of the time of one
+training step (forward + backward in torch). The pass then chooses every layer's rank itself:
 
 1. Candidates. For each layer it can decompose, the pass proposes a few ranks (one per entry of
    ``Budget.fractions``: "keep about this fraction of the layer's cost"), and for each one an
    estimate of the relative reconstruction error e = ‖W − Ŵ‖/‖W‖ (exact for SVD-based methods,
    the HOSVD truncation for Tucker-2, a short ALS for CP) and its cost: MACs at the layer's
-   input shape, parameters, or latency measured in onnxruntime. Keeping the layer as it is
+   input shape, parameters, latency measured in onnxruntime, or forward+backward time measured
+   in torch (fxshift.step_timer). Keeping the layer as it is
    (cost unchanged, e = 0) is always a candidate.
 2. Allocation (:func:`allocate`). Minimise Σ_layers e² (the sum of the fractions of each
    layer's weight energy that is lost) subject to
@@ -41,42 +43,52 @@ __all__ = ["Budget", "Candidate", "LayerCandidates", "Allocation", "allocate", "
 #: Per-layer cost fractions proposed as candidates: "keep about this fraction of the layer's cost".
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
-_KINDS = ("macs", "params", "latency")
+_KINDS = ("macs", "params", "latency", "train_step")
+_MEASURED = ("latency", "train_step")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Keep a fraction of the whole model's MACs, parameters or onnxruntime latency.
+    """Keep a fraction of the whole model's MACs, parameters, onnxruntime latency or training-step time.
 
-    Give exactly one of ``macs``, ``params``, ``latency``, each a fraction in (0, 1] of the
+    Give exactly one of ``macs``, ``params``, ``latency``, ``train_step``, each a fraction in (0, 1] of the
     *original whole model's* total: ``Budget(macs=0.5)`` makes the decomposed model have about
     50% of the original model's MACs (conv and linear MACs per sample, as fxshift.macs counts
     them), ``Budget(params=0.3)`` about 30% of all its parameters (BatchNorm and every other
     layer included), ``Budget(latency=0.5)`` about half of its batch latency in onnxruntime on
-    this machine's CPU. Layers the pass cannot or may not decompose count at their full cost. The
+    this machine's CPU, ``Budget(train_step=0.45, batch=256)`` about 45% of the time of one
+    training step (forward and backward in torch, training mode, in the memory format the model's
+    weights are in) at batch 256: the budget to give a decomposition made mid-training
+    (fxshift.train.DecomposeSchedule), where the time saved per step is what counts. Layers the pass cannot or may not decompose count at their full cost. The
     pass chooses per-layer ranks that meet the target with the smallest total reconstruction
     error it can find (see fxshift.decompose.budget for the method).
 
     For latency, every candidate layer is timed in onnxruntime (cached by layer type, shape and
-    ranks), the allocation is made from those timings, and then checked against the whole model:
+    ranks; for train_step, forward+backward in torch), the allocation is made from those timings,
+    and then checked against the whole model:
     the chosen structure is timed next to the original and the allocation corrected until the
     measured fraction is within the tolerance (layers timed alone do not add up to the model).
     Timings on a busy machine are noisy; `threads=1` gives the steadiest ratios there.
 
     Args:
-        macs, params, latency: the fraction to keep (exactly one of them).
+        macs, params, latency, train_step: the fraction to keep (exactly one of them).
         tolerance: how far above the target the result may end when the target cannot be met
             exactly (default 3%, relative); a target that cannot be reached within it raises
             ConfigError. The allocation aims at or just below the target.
         fractions: the candidate per-layer cost fractions (6–10 values in (0, 1) keep the search
             and, for latency, the timing short).
-        threads: onnxruntime intra-op threads for latency (default: the CPUs this process may use).
+        threads: onnxruntime intra-op threads for latency, torch threads for train_step (default:
+            the CPUs this process may use; torch's current setting for train_step).
         cache: a JSON file that keeps layer latencies between runs (keyed by layer type, shape,
-            ranks and threads), in addition to the in-memory cache.
-        verify: for latency, also time the decomposed model and record the measured fraction.
+            ranks and threads), in addition to the in-memory cache (latency only).
+        verify: for latency and train_step, also time the decomposed model and record the
+            measured fraction.
+        batch: for train_step, the training batch size the steps are timed at (default: the batch
+            of the example inputs, which fxshift.train.DecomposeSchedule usually gets as one sample:
+            give the real one).
 
-    ``macs`` and ``latency`` need the example_inputs given to fxshift.apply (the layers' input
-    shapes); ``params`` does not.
+    ``macs``, ``latency`` and ``train_step`` need the example_inputs given to fxshift.apply (the
+    layers' input shapes); ``params`` does not.
 
     Example:
         >>> gm = fxshift.apply([fxshift.TuckerDecomposePass(rank=fxshift.Budget(macs=0.5))], model, x)
@@ -85,16 +97,19 @@ class Budget:
     macs: Optional[float] = None
     params: Optional[float] = None
     latency: Optional[float] = None
+    train_step: Optional[float] = None
     tolerance: float = 0.03
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     threads: Optional[int] = None
     cache: Optional[str] = None
     verify: bool = True
+    batch: Optional[int] = None
 
     def __post_init__(self) -> None:
         given = [k for k in _KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ConfigError(f"Budget needs exactly one of macs=, params=, latency= (got {given or 'none'}), "
+            raise ConfigError(f"Budget needs exactly one of macs=, params=, latency=, train_step= "
+                              f"(got {given or 'none'}), "
                               "e.g. Budget(macs=0.5)")
         value = getattr(self, given[0])
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
@@ -109,11 +124,41 @@ class Budget:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ConfigError(f"Budget threads={self.threads!r} must be a positive int")
+        if self.batch is not None:
+            if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+                raise ConfigError(f"Budget batch={self.batch!r} must be a positive int (the training batch size)")
+            if given[0] != "train_step":
+                raise ConfigError(f"Budget batch={self.batch} applies to train_step= only; "
+                                  f"{given[0]}= is costed per the example inputs' batch")
 
     @property
     def kind(self) -> str:
-        """"macs", "params" or "latency"."""
+        """"macs", "params", "latency" or "train_step"."""
         return next(k for k in _KINDS if getattr(self, k) is not None)
+
+    @property
+    def measured(self) -> bool:
+        """True when the cost is timed (latency, train_step) rather than counted."""
+        return self.kind in _MEASURED
+
+    @property
+    def what(self) -> str:
+        """The cost's name, for messages."""
+        return {"macs": "MACs", "params": "parameters", "latency": "onnxruntime latency",
+                "train_step": "training-step time"}[self.kind]
+
+    def timer(self, channels_last: bool = False) -> Any:
+        """The timer a measured budget costs layers and models with: a LatencyTimer
+        (fxshift.onnx.latency) or a TrainStepTimer (fxshift.step_timer)."""
+        if self.kind == "latency":
+            from ..onnx.latency import LatencyTimer
+
+            return LatencyTimer(self.threads, self.cache)
+        if self.kind == "train_step":
+            from ..step_timer import TrainStepTimer
+
+            return TrainStepTimer(self.threads, self.batch, channels_last=channels_last)
+        raise ConfigError(f"{self!r} is counted, not timed")
 
     @property
     def target(self) -> float:
@@ -121,11 +166,15 @@ class Budget:
         return float(getattr(self, self.kind))
 
     def __repr__(self) -> str:
-        return f"Budget({self.kind}={self.target:g})"
+        batch = f", batch={self.batch}" if self.batch is not None else ""
+        return f"Budget({self.kind}={self.target:g}{batch})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "target": self.target, "tolerance": self.tolerance,
-                "fractions": list(self.fractions)}
+        out = {"kind": self.kind, "target": self.target, "tolerance": self.tolerance,
+               "fractions": list(self.fractions)}
+        if self.batch is not None:
+            out["batch"] = self.batch
+        return out
 
 
 @dataclass

@@ -5,10 +5,11 @@ which works in three steps (the method is described in fxshift.decompose.budget)
 
 1. Candidates: for every layer, the pass proposes ranks with estimated errors
    (``proposer.budget_candidates``) and the structure each would insert (``proposer.structure``);
-   the planner costs them by MACs, parameters or onnxruntime latency (fxshift.onnx.latency).
+   the planner costs them by MACs, parameters, onnxruntime latency (fxshift.onnx.latency) or
+   torch training-step time (fxshift.step_timer).
 2. Allocation: one candidate (or "keep") per layer, least Σ error², whole model within the
-   target (:func:`fxshift.decompose.budget.allocate`). For latency the allocation is calibrated
-   against whole-model timings (:func:`_calibrated`).
+   target (:func:`fxshift.decompose.budget.allocate`). For the timed kinds the allocation is
+   calibrated against whole-model timings (:func:`_calibrated`).
 3. The pass decomposes each layer at its planned rank; :meth:`Plan.summary` says what the run
    aimed at and reached.
 
@@ -30,7 +31,7 @@ from ..context import planning_sync
 from ..costs import input_shapes, macs, meta_copy, parameter_count, proxy_input_shape, shape_macs
 from ..errors import ConfigError
 from ..graph import replace_module
-from ..onnx.latency import LatencyTimer, model_onnx
+from ..step_timer import is_channels_last
 from .budget import Allocation, Budget, Candidate, LayerCandidates, allocate
 
 __all__ = ["Proposer", "Plan", "plan_budget"]
@@ -58,7 +59,7 @@ class Plan:
     ranks: dict[str, Any]
     reasons: dict[str, str]
     allocation: Allocation
-    measured: dict[str, Any] = field(default_factory=dict)  # latency only: timings and calibration
+    measured: dict[str, Any] = field(default_factory=dict)  # timed kinds only: timings and calibration
 
     def rank_of(self, name: str) -> Any:
         return self.ranks.get(name)
@@ -68,7 +69,7 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         """What the run aimed at and reached: kind, target, total before/after, fraction
-        (after/before), Σ estimated relative error², layers decomposed; for latency also the
+        (after/before), Σ estimated relative error², layers decomposed; for the timed kinds also the
         layer timings, the calibration and (with verify) the measured fraction."""
         a = self.allocation
         out = {"pass": self.pass_name, **self.budget.to_dict(), "total_before": a.total_before,
@@ -81,7 +82,7 @@ class Plan:
 def plan_budget(gm: fx.GraphModule, layers: Sequence[tuple[str, nn.Module]], budget: Budget, proposer: Proposer,
                 inputs: Optional[tuple], pass_name: str, progress: bool = False) -> Plan:
     """Choose every layer's rank for `budget` (see the module docstring)."""
-    if budget.kind in ("macs", "latency") and inputs is None:
+    if (budget.kind == "macs" or budget.measured) and inputs is None:
         raise ConfigError(f"{pass_name}: {budget!r} needs the model's input shapes; give example_inputs, "
                           f"e.g. fxshift.apply([{pass_name}(rank={budget!r})], model, torch.randn(1, 3, 224, 224))")
     sync = planning_sync()
@@ -98,15 +99,15 @@ def plan_budget(gm: fx.GraphModule, layers: Sequence[tuple[str, nn.Module]], bud
 def _plan(gm: fx.GraphModule, layers: Sequence[tuple[str, nn.Module]], budget: Budget, proposer: Proposer,
           inputs: Optional[tuple], pass_name: str, progress: bool) -> Plan:
     shapes = input_shapes(gm, inputs) if inputs is not None else {}
-    timer = original_onnx = None
+    timer = original = None
     if budget.kind == "macs":
         total = float(macs(gm, inputs))
     elif budget.kind == "params":
         total = float(parameter_count(gm))
     else:
-        timer = LatencyTimer(budget.threads, budget.cache)
-        original_onnx = model_onnx(gm, inputs)
-        total = timer.models({"original": original_onnx}, inputs, min_time=0.5)["original"]
+        timer = budget.timer(channels_last=is_channels_last(gm))
+        original = timer.prepared(gm, inputs)
+        total = timer.models({"original": original}, inputs, min_time=0.5)["original"]
 
     entries: list[LayerCandidates] = []
     reasons: dict[str, str] = {}
@@ -122,8 +123,8 @@ def _plan(gm: fx.GraphModule, layers: Sequence[tuple[str, nn.Module]], budget: B
     if timer is not None:
         timer.save()
         # Timed again after the layers, and averaged: the machine's load drifts while layers are timed.
-        total = 0.5 * (total + timer.models({"original": original_onnx}, inputs, min_time=0.5)["original"])
-        allocation, calibration = _calibrated(gm, entries, total, budget, proposer, timer, original_onnx, inputs)
+        total = 0.5 * (total + timer.models({"original": original}, inputs, min_time=0.5)["original"])
+        allocation, calibration = _calibrated(gm, entries, total, budget, proposer, timer, original, inputs)
         allocation.total_after = calibration[-1] * total
         measured = {"unit": "seconds", "layer_timings": timer.measured, "calibration": calibration,
                     "predicted_fraction": 1.0 - sum(e.cost - allocation.choice[e.name].cost for e in entries
@@ -133,7 +134,7 @@ def _plan(gm: fx.GraphModule, layers: Sequence[tuple[str, nn.Module]], budget: B
     ranks = {name: (chosen.rank if chosen is not None else None) for name, chosen in allocation.choice.items()}
     plan = Plan(budget, pass_name, ranks, reasons, allocation, measured)
     if timer is not None and budget.verify:
-        times = timer.models({"original": original_onnx, "decomposed": _trial(gm, plan.ranks, proposer)}, inputs,
+        times = timer.models({"original": original, "decomposed": _trial(gm, plan.ranks, proposer)}, inputs,
                              min_time=1.0)
         measured.update(measured_before=times["original"], measured_after=times["decomposed"],
                         measured_fraction=times["decomposed"] / times["original"])
@@ -188,14 +189,15 @@ def _trial(gm: fx.GraphModule, ranks: dict[str, Any], proposer: Proposer) -> fx.
 
 
 def _calibrated(gm: fx.GraphModule, entries: list[LayerCandidates], total: float, budget: Budget,
-                proposer: Proposer, timer: Any, original_onnx: bytes, inputs: tuple,
+                proposer: Proposer, timer: Any, original: Any, inputs: tuple,
                 rounds: int = 6) -> tuple[Allocation, list[float]]:
-    """Allocate for a latency budget, checking each allocation against the whole model.
+    """Allocate for a timed budget (latency, train_step), checking each allocation against the
+    whole model (`original` is what `timer.models` takes for it).
 
     Layers timed alone do not add up to the model: onnxruntime fuses neighbours, keeps blocked
     layouts between convs and schedules differently, and the gap depends on the layer and the
     input size (on ResNet-18 at 112×112 the isolated timings predicted a 50% latency where the
-    model measured 16%). So the allocation is computed for an internal target t (first the real
+    model measured 16%; forward+backward in torch has the same gap). So the allocation is computed for an internal target t (first the real
     one), its structure is timed as a whole model next to the original (round-robin, placeholder
     weights: nothing is decomposed yet), and t is moved by the secant method, bracketing the
     measured fraction around the target, until it is within the tolerance (at most `rounds`
@@ -224,7 +226,7 @@ def _calibrated(gm: fx.GraphModule, entries: list[LayerCandidates], total: float
     for _ in range(rounds):
         allocation = allocation_for(t)
         ranks = {name: (c.rank if c is not None else None) for name, c in allocation.choice.items()}
-        times = timer.models({"original": original_onnx, "trial": _trial(gm, ranks, proposer)}, inputs, min_time=0.5)
+        times = timer.models({"original": original, "trial": _trial(gm, ranks, proposer)}, inputs, min_time=0.5)
         fraction = times["trial"] / times["original"]
         tried.append((allocation, fraction))
         if abs(fraction - target) <= tol * target:
@@ -234,9 +236,9 @@ def _calibrated(gm: fx.GraphModule, entries: list[LayerCandidates], total: float
         else:
             if allocation is cheapest:
                 raise ConfigError(
-                    f"the budget of {target:.1%} of the model's latency cannot be met: decomposing every layer "
-                    f"this pass may decompose at its cheapest candidate measured {fraction:.1%} of the original "
-                    "latency. Raise the target, include more layers, or add smaller fractions to "
+                    f"the budget of {target:.1%} of the model's {budget.what} cannot be met: decomposing every "
+                    f"layer this pass may decompose at its cheapest candidate measured {fraction:.1%} of the "
+                    "original. Raise the target, include more layers, or add smaller fractions to "
                     "Budget(fractions=...)")
             above = (t, fraction)
         if below and above:  # secant inside the bracket

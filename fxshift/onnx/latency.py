@@ -155,6 +155,10 @@ class LatencyTimer:
         """A plain (no plugin) onnxruntime session of `onnx_bytes` with this timer's threads."""
         return session(onnx_bytes, plugin=False, threads=self.threads)
 
+    def prepared(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> bytes:
+        """What `models` takes for `model`, exported once: its serialized ONNX."""
+        return model_onnx(model, example_inputs)
+
     def layer(self, module: nn.Module, input_shape: Sequence[int]) -> float:
         """Median seconds of one call of `module` on an input of `input_shape` (cached)."""
         return self.layers([module], input_shape)[0]

@@ -2,8 +2,9 @@
 
 The candidates come ordered lowest score first; for a Budget the answer is the fewest of them
 that bring the model to the target. MACs and parameters are additive over disjoint blocks and
-are summed exactly. Latency is measured: the original and the model with each count of blocks
-removed are exported to ONNX and timed round-robin in one onnxruntime run (fxshift.onnx.latency),
+are summed exactly. Latency (and training-step time) is measured: the original and the model with
+each count of blocks removed are timed round-robin in one run (exported to ONNX and timed in
+onnxruntime by fxshift.onnx.latency; forward+backward in torch by fxshift.step_timer),
 so every ratio shares the same machine noise; the smallest count whose measured ratio reaches
 the target wins. (Timing the counts in separate runs on a busy machine gave ratios that did not
 fall with the count.) With Budget.verify (the default) the chosen count is timed again alone
@@ -48,14 +49,14 @@ def blocks_to_remove(gm: fx.GraphModule, order: Sequence[Block], setting: Blocks
     if isinstance(setting, float):
         return int(round(setting * n)), None
     budget = setting
-    if budget.kind == "latency":
+    if budget.measured:
         sync = planning_sync()
         if sync is None:
-            return _latency_count(gm, order, budget, inputs, pass_name)
+            return _measured_count(gm, order, budget, inputs, pass_name)
         import torch.distributed as dist
 
         group, src = sync
-        box = [_latency_count(gm, order, budget, inputs, pass_name) if dist.get_rank() == src else None]
+        box = [_measured_count(gm, order, budget, inputs, pass_name) if dist.get_rank() == src else None]
         dist.broadcast_object_list(box, src=src, group=group)
         return box[0]
     column = 1 if budget.kind == "macs" else 0
@@ -74,29 +75,27 @@ def blocks_to_remove(gm: fx.GraphModule, order: Sequence[Block], setting: Blocks
 
 
 def measure_removals(gm: fx.GraphModule, order: Sequence[Block], inputs: tuple, timer: Any
-                     ) -> tuple[dict[int, float], dict[str, bytes]]:
-    """Measured onnxruntime latency of `gm` with its first k blocks of `order` removed, over the
-    original's, for k = 1..len(order), all timed round-robin in one run by `timer` (a
-    fxshift.onnx.latency.LatencyTimer); and the ONNX bytes of each ("0" is the original). `gm` is
-    not changed."""
-    from ..onnx.latency import model_onnx
-
-    onnx = {"0": model_onnx(gm, inputs)}
+                     ) -> tuple[dict[int, float], dict[str, Any]]:
+    """Measured time of `gm` with its first k blocks of `order` removed, over the original's, for
+    k = 1..len(order), all timed round-robin in one run by `timer` (a LatencyTimer or a
+    TrainStepTimer); and what the timer took for each (ONNX bytes or modules; "0" is the
+    original). `gm` is not changed."""
+    models = {"0": timer.prepared(gm, inputs)}
     for k in range(1, len(order) + 1):
         pruned = copy.deepcopy(gm)
         remove_blocks(pruned, order[:k])
         pruned.graph.lint()
         pruned.recompile()
-        onnx[str(k)] = model_onnx(pruned, inputs)
-    times = timer.models(onnx, inputs)
-    return {int(k): t / times["0"] for k, t in times.items() if k != "0"}, onnx
+        models[str(k)] = timer.prepared(pruned, inputs)
+    times = timer.models(models, inputs)
+    return {int(k): t / times["0"] for k, t in times.items() if k != "0"}, models
 
 
-def _latency_count(gm: fx.GraphModule, order: Sequence[Block], budget: Budget, inputs: tuple, pass_name: str
-                   ) -> tuple[int, dict[str, Any]]:
-    from ..onnx.latency import LatencyTimer
+def _measured_count(gm: fx.GraphModule, order: Sequence[Block], budget: Budget, inputs: tuple, pass_name: str
+                    ) -> tuple[int, dict[str, Any]]:
+    from ..step_timer import is_channels_last
 
-    timer = LatencyTimer(budget.threads, budget.cache)
+    timer = budget.timer(channels_last=is_channels_last(gm))
     measured, onnx = measure_removals(gm, order, inputs, timer)
     n = len(order)
     reached = [k for k in range(1, n + 1) if measured[k] <= budget.target]
@@ -104,7 +103,7 @@ def _latency_count(gm: fx.GraphModule, order: Sequence[Block], budget: Budget, i
         best = min(measured, key=measured.get)
         if measured[best] > budget.target * (1 + budget.tolerance):
             raise ConfigError(f"{pass_name}(blocks={budget!r}): removing the removable blocks (up to all {n}) "
-                              f"measured at best {measured[best]:.1%} of the model's onnxruntime latency; the budget "
+                              f"measured at best {measured[best]:.1%} of the model's {budget.what}; the budget "
                               "cannot be met by block removal alone: raise the target, or follow with a "
                               "decomposition pass")
         reached = [best]

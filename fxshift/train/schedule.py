@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..nn.base import RECOMPOSE_RULES
 from ..passes.recompose import RecomposePass
 from ..pipeline import Pass, apply
+from ..step_timer import is_channels_last
 from ..trace import LeafSpec
 from .deepshift import shift_parameters
 from .distributed import apply_synced, rewrap
@@ -43,13 +44,6 @@ def _device_of(module: nn.Module) -> Optional[torch.device]:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
     return None
-
-
-def _channels_last(module: nn.Module) -> bool:
-    """True when the module's 4-D weights are stored channels-last (a common CPU/GPU speed-up)."""
-    kernels = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
-    return bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                                 for p in kernels)
 
 
 def _to(inputs: Any, device: Optional[torch.device]) -> Any:
@@ -210,7 +204,7 @@ class DecomposeSchedule:
         gm.train(was_training)
         if device is not None and any(t.device != device for t in list(gm.parameters()) + list(gm.buffers())):
             gm.to(device)
-        if _channels_last(base):
+        if is_channels_last(base):
             gm.to(memory_format=torch.channels_last)
         new_model: nn.Module = rewrap(ddp, gm) if ddp is not None else gm
         new_optimizer = None
