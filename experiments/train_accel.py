@@ -2,10 +2,13 @@
 
 Runs, all with the same seed, data order, optimizer and LR schedule:
   (a) original   the small ResNet trained for E epochs;
-  (b) tucker-r   trained in its original form for k epochs, Tucker-decomposed at the start of epoch k
-                 (fxshift.train.DecomposeSchedule, rank r), then trained to E;
-  (c) recomposed (b) folded back into the original architecture at the end (on_train_end);
-  (d) shift-q    trained in float for k epochs, switched to DeepShift (ShiftQuantizePass) for the rest.
+  (b) M-step-b   trained in its original form for k epochs, decomposed at the start of epoch k by method
+                 M (tucker, cp, spatial) with rank=Budget(train_step=b, batch=<batch size>): every layer's
+                 rank chosen so that the measured forward+backward time of a training step is about b of
+                 the original's (fxshift.train.DecomposeSchedule), then trained to E;
+  (c) tucker-r   the same with a fixed Tucker rank fraction r (--rank, none by default);
+  (d) +recompose (b)/(c) folded back into the original architecture at the end (on_train_end);
+  (e) shift-q    trained in float for k epochs, switched to DeepShift (ShiftQuantizePass) (--shift-mode).
 
 Wall-clock time per epoch is measured around the schedule call and the training loop, so the
 decomposition (and optimizer rebuild) counts in the epoch where it happens; evaluation is not
@@ -16,7 +19,7 @@ computation (same seed, same data order), so they are run once and their times r
 Outputs a markdown table (printed and written to experiments/results/train_accel.md) and a plot
 of test accuracy against training time (experiments/results/train_accel.png).
 
-    python experiments/train_accel.py                 # the full run (about 10-15 minutes on 2 cores)
+    python experiments/train_accel.py                 # the full run (about 20 minutes on 2 idle cores)
     python experiments/train_accel.py --quick         # a CI-size run, under a minute
 """
 from __future__ import annotations
@@ -39,13 +42,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import fxshift  # noqa: E402
-from fxshift import ShiftQuantizePass, TuckerDecomposePass  # noqa: E402
+from fxshift import Budget, CPDecomposePass, ShiftQuantizePass, SpatialSVDPass, TuckerDecomposePass  # noqa: E402
 from fxshift.data import fashion_mnist  # noqa: E402
 from fxshift.models import SmallResNet  # noqa: E402
 from fxshift.train import DecomposeSchedule  # noqa: E402
 
 
-# ------------------------------------------------------------------------------------------ model
+METHODS = {"tucker": TuckerDecomposePass, "spatial": SpatialSVDPass, "cp": CPDecomposePass}
+
+
 # ------------------------------------------------------------------------------------------- runs
 def make_model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(args.seed)
@@ -167,6 +172,7 @@ def summarize(record: dict, data: dict, sample: torch.Tensor, switch_epoch: Opti
         "macs": macs_of(model, sample),
         "params": sum(p.numel() for p in model.parameters()),
         "final_loss": record["losses"][-1],
+        "planned_step_fraction": record.get("planned_step_fraction"),
     }
 
 
@@ -192,8 +198,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, meta: dict) -> str:
            else "were trained from scratch."),
         "",
         "| run | s/epoch before | switch epoch (s) | s/epoch after | total train s | speed-up | test acc % | Δ acc "
-        "| MACs/sample | params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| MACs/sample | params | step time at the switch (measured) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = base["total_s"] / r["total_s"]
@@ -204,7 +210,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, meta: dict) -> str:
         lines.append(
             f"| {r['run']} | {_fmt(r['s_per_epoch_before'], '.1f')} | {switch} | "
             f"{_fmt(r['s_per_epoch_after'], '.1f')} | {r['total_s']:.1f} | {speed:.2f}× | {r['test_acc']:.2f} | "
-            f"{delta:+.2f} | {r['macs'] / 1e6:.2f}M | {r['params'] / 1e3:.0f}k |")
+            f"{delta:+.2f} | {r['macs'] / 1e6:.2f}M | {r['params'] / 1e3:.0f}k | "
+            f"{_fmt(r['planned_step_fraction'], '.0%')} |")
     lines += ["", "Per-epoch speed-up after the switch (s/epoch original ÷ s/epoch run): " + ", ".join(
         f"{r['run']} {base['s_per_epoch_before'] / r['s_per_epoch_after']:.2f}×" for r in rows[1:]
         if r["s_per_epoch_after"]) + ".", ""]
@@ -239,20 +246,24 @@ def plot(records: list[dict], recomposed: list[tuple[str, float, float]], path: 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=6, help="total epochs E")
-    p.add_argument("--decompose-at", type=int, default=1, help="switch at the start of this epoch (0-based): k")
-    p.add_argument("--rank", type=float, nargs="+", default=[0.5, 0.375, 0.25],
-                   help="Tucker rank fraction(s), one run each")
-    p.add_argument("--shift-mode", choices=["q", "ps", "none"], default="q", help="DeepShift row mode (none: skip)")
+    p.add_argument("--epochs", type=int, default=20, help="total epochs E")
+    p.add_argument("--decompose-at", type=int, default=2, help="switch at the start of this epoch (0-based): k")
+    p.add_argument("--methods", nargs="*", default=["tucker", "spatial", "cp"], choices=sorted(METHODS),
+                   help="decomposition methods run with the training-step budget, one run each")
+    p.add_argument("--step-budget", type=float, default=0.4,
+                   help="Budget(train_step=...): the fraction of the original training-step time to keep")
+    p.add_argument("--rank", type=float, nargs="*", default=[],
+                   help="fixed Tucker rank fraction(s), one run each (none by default)")
+    p.add_argument("--shift-mode", choices=["q", "ps", "none"], default="none", help="DeepShift row mode (none: skip)")
     p.add_argument("--widths", type=int, nargs=3, default=[48, 96, 192])
     p.add_argument("--blocks", type=int, default=1, help="BasicBlocks per stage")
-    p.add_argument("--train-size", type=int, default=12000, help="training images (the first N of 60k)")
+    p.add_argument("--train-size", type=int, default=30000, help="training images (the first N of 60k)")
     p.add_argument("--curve-size", type=int, default=2000, help="test images for the per-epoch accuracy curve")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 by default: on a shared 2-core machine 2 threads measured 4× slower)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (on a shared, busy 2-core machine 1 thread is steadier)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep conv weights in the default (NCHW) memory format")
     p.add_argument("--seed", type=int, default=0)
@@ -263,7 +274,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.epochs, args.decompose_at, args.widths = 3, 1, [16, 32, 64]
         args.train_size, args.curve_size = 1536, 500
-        args.rank = args.rank[:1]
+        args.methods, args.rank = args.methods[:1], args.rank[:1]
+        args.step_budget = 0.9  # a model this small is mostly per-call overhead: little step time to save
     if not 0 <= args.decompose_at < args.epochs:
         p.error("--decompose-at must be in 0 … epochs−1")
     return args
@@ -288,10 +300,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     records = [original]
     rows = [summarize(original, data, sample, None)]
     recomposed_points = []
-    for rank in args.rank:
-        sched = DecomposeSchedule(k, TuckerDecomposePass(rank=rank, exclude=["stem"]), recompose_at_end=True,
-                                  example_inputs=sample)
-        rec = run(f"tucker-{rank:g}", args, data, sched, start=start)
+    step = Budget(train_step=args.step_budget, batch=args.batch_size, threads=args.threads)
+    decompositions = [(f"{m}-step{args.step_budget:g}", METHODS[m](rank=step, exclude=["stem"])) for m in args.methods]
+    decompositions += [(f"tucker-{r:g}", TuckerDecomposePass(rank=r, exclude=["stem"])) for r in args.rank]
+    for name, decomposition in decompositions:
+        sched = DecomposeSchedule(k, decomposition, recompose_at_end=True, example_inputs=sample)
+        rec = run(name, args, data, sched, start=start)
+        summaries = fxshift.context.budget_summaries(rec["model"])
+        rec["planned_step_fraction"] = summaries[-1].get("measured_fraction") if summaries else None
         records.append(rec)
         rows.append(summarize(rec, data, sample, k))
         tick = time.perf_counter()
@@ -299,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         fold = time.perf_counter() - tick
         fresh = make_model(args)
         fresh.load_state_dict(model.state_dict())  # the original architecture takes the weights
-        folded = {"name": f"tucker-{rank:g}+recompose", "model": fresh, "epoch_seconds": rec["epoch_seconds"],
+        folded = {"name": f"{name}+recompose", "model": fresh, "epoch_seconds": rec["epoch_seconds"],
                   "events": rec["events"], "losses": rec["losses"], "extra_seconds": fold}
         row = summarize(folded, data, sample, k)
         rows.append(row)

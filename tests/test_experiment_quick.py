@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_accel_quick_runs_every_row(tmp_path):
     if not any(Path(p).exists() for p in ("/usr/share/datasets/fashion-mnist", Path.home() / ".cache" / "fxshift")):
         pytest.skip("Fashion-MNIST is not available offline")
-    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "train_accel.py"), "--quick", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "train_accel.py"), "--quick", "--rank", "0.5",
+                           "--shift-mode", "q", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     table = done.stdout
-    for row in ("| original |", "| tucker-0.5 |", "| tucker-0.5+recompose |", "| shift-q |"):
+    for row in ("| original |", "| tucker-step0.9 |", "| tucker-step0.9+recompose |", "| tucker-0.5 |",
+                "| tucker-0.5+recompose |", "| shift-q |"):
         assert row in table, table[-2000:]
     assert not list(tmp_path.iterdir())  # --quick writes nothing
