@@ -12,7 +12,7 @@ from fxshift.decompose.evbmf import evbmf
 from fxshift.decompose.gram import leading_left_vectors, squared_singular_values, truncated_svd
 from fxshift.decompose.ranks import hosvd_errors, tucker2_ranks_for_cost
 from fxshift.decompose.tucker import (clamp_tucker2_ranks, relative_error, tucker2, tucker2_hooi, tucker2_tensorly,
-                                      tucker_reconstruct)
+                                      tucker1, tucker_reconstruct)
 
 
 def _orthonormal(n, k, g):
@@ -200,3 +200,17 @@ def test_cp_svd_init_spans_tensorlys_subspaces(shape, rank):
     fill_calls = []
     cp_svd_init(w, rank, lambda r, c: fill_calls.append((r, c)) or torch.zeros(r, c))
     assert fill_calls == [(w.shape[m], rank - w.shape[m]) for m in range(4) if w.shape[m] < rank]
+
+
+@pytest.mark.parametrize("shape, ranks, method", [
+    ((24, 16, 3, 3), (8, 6), "hooi"), ((24, 16, 3, 3), (8, 6), "tensorly"), ((32, 20, 1, 1), (7, 7), "hooi"),
+    ((12, 10, 3, 3), (12, 10), "hooi"),
+])
+def test_solver_error_equals_the_reconstruction_error(shape, ranks, method):
+    # the passes report the solvers' float64 projection error instead of reconstructing the kernel
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    factors = tucker2(w, ranks, method=method)
+    assert factors.error is not None
+    assert factors.error == pytest.approx(relative_error(w, tucker_reconstruct(factors)), abs=1e-6)
+    one = tucker1(w, 5)
+    assert one.error == pytest.approx(relative_error(w, tucker_reconstruct(one)), abs=1e-6)

@@ -21,11 +21,23 @@ class TuckerFactors(NamedTuple):
     """W ≈ core ×₀ u_out ×₁ u_in. `u_in` is None for Tucker-1 (output mode only).
 
     core: (r_out, r_in or S, kh, kw); u_out: (T, r_out); u_in: (S, r_in) or None.
+    error: ‖W − Ŵ‖/‖W‖, computed in float64 by the solver (None when it did not).
     """
 
     core: torch.Tensor
     u_out: torch.Tensor
     u_in: Optional[torch.Tensor]
+    error: Optional[float] = None
+
+
+def projection_error(weight: torch.Tensor, core: torch.Tensor) -> float:
+    """‖W − Ŵ‖/‖W‖ of a Tucker approximation whose factors are orthonormal and whose core is the
+    projection of W on them: then ‖W − Ŵ‖² = ‖W‖² − ‖G‖², with no reconstruction (pass the
+    float64 core; the difference loses precision only below about 1e-8)."""
+    total = float(weight.detach().double().pow(2).sum())
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(max(total - float(core.double().pow(2).sum()), 0.0) / total)
 
 
 def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
@@ -92,7 +104,8 @@ def tucker2_tensorly(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: i
             weight.detach().double(), rank=[r_out, r_in], modes=[0, 1], init="svd", n_iter_max=n_iter_max, tol=tol, svd=gram_svd
         )
     u_out, u_in = factors
-    return TuckerFactors(core.to(weight.dtype), u_out.to(weight.dtype), u_in.to(weight.dtype))
+    return TuckerFactors(core.to(weight.dtype), u_out.to(weight.dtype), u_in.to(weight.dtype),
+                         projection_error(weight, core))
 
 
 def tucker2_hooi(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int = 3, tol: float = 1e-3,
@@ -123,7 +136,7 @@ def tucker2_hooi(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int =
     if q == 1:  # a 1×1 conv: Tucker-2 of a matrix is its truncated SVD (r_out = r_in here)
         u_out, sigma, u_in = truncated_svd(w[:, :, 0], r_out)
         core = (u_out.T @ w[:, :, 0] @ u_in).reshape(r_out, r_in, 1, 1)
-        return TuckerFactors(core.to(out), u_out.to(out), u_in.to(out))
+        return TuckerFactors(core.to(out), u_out.to(out), u_in.to(out), projection_error(w, core))
     total = float(w.double().pow(2).sum())
     by_out = w.reshape(t, s * q)  # (T, S·Q): output unfolding
     by_tq = w.transpose(1, 2).reshape(t * q, s).contiguous()  # (T·Q, S): the input mode last
@@ -140,7 +153,7 @@ def tucker2_hooi(weight: torch.Tensor, ranks: tuple[int, int], n_iter_max: int =
             break
         previous = error
     core = (u_in.T @ z).reshape(r_in, r_out, kh, kw).transpose(0, 1)
-    return TuckerFactors(core.to(out).contiguous(), u_out.to(out), u_in.to(out))
+    return TuckerFactors(core.to(out).contiguous(), u_out.to(out), u_in.to(out), projection_error(w, core))
 
 
 def tucker1(weight: torch.Tensor, r_out: int) -> TuckerFactors:
@@ -154,7 +167,7 @@ def tucker1(weight: torch.Tensor, r_out: int) -> TuckerFactors:
     u, sv, vh = torch.linalg.svd(_unfold(weight.detach().double(), 0), full_matrices=False)
     u_out = u[:, :r_out]
     core = (sv[:r_out, None] * vh[:r_out]).reshape(r_out, s, kh, kw)
-    return TuckerFactors(core.to(weight.dtype), u_out.to(weight.dtype), None)
+    return TuckerFactors(core.to(weight.dtype), u_out.to(weight.dtype), None, projection_error(weight, core))
 
 
 def tucker_reconstruct(factors: TuckerFactors) -> torch.Tensor:
@@ -172,4 +185,4 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float(diff / norm) if norm > 0 else float(diff)
 
 
-__all__ = ["TuckerFactors", "tucker2", "tucker2_hooi", "tucker2_tensorly", "clamp_tucker2_ranks", "TUCKER_METHODS", "tucker1", "tucker_reconstruct", "relative_error", "mode_unfolding", "svd_factors"]
+__all__ = ["TuckerFactors", "projection_error", "tucker2", "tucker2_hooi", "tucker2_tensorly", "clamp_tucker2_ranks", "TUCKER_METHODS", "tucker1", "tucker_reconstruct", "relative_error", "mode_unfolding", "svd_factors"]

@@ -29,7 +29,7 @@ class TuckerConv2d(DecomposedLayer):
     def from_factors(cls, conv: nn.Conv2d, factors: TuckerFactors) -> "TuckerConv2d":
         if conv.groups != 1:
             raise ValueError("Tucker decomposition needs groups=1")
-        core, u_out, u_in = factors
+        core, u_out, u_in = factors.core, factors.u_out, factors.u_in
         layers: OrderedDict[str, nn.Conv2d] = OrderedDict()
         if u_in is not None:
             layers["reduce"] = conv_like(conv, conv.in_channels, u_in.shape[1], u_in.t()[:, :, None, None], None,

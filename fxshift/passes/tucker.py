@@ -84,7 +84,7 @@ class TuckerDecomposePass(DecompositionPass):
             ranks = mode_ranks(rank, (t, s), lambda m: mode_unfolding(weight, m), name, ("output", "input"))
             factors = tucker2(weight, ranks, n_iter_max=self.n_iter_max, tol=self.tol, method=self.method)
             ranks = (factors.u_out.shape[1], factors.u_in.shape[1])  # as clamped
-        error = relative_error(weight, tucker_reconstruct(factors))
+        error = factors.error if factors.error is not None else relative_error(weight, tucker_reconstruct(factors))
         return Decision(TuckerConv2d.from_factors(module, factors), rank=list(ranks), rel_error=error)
 
     def _linear(self, name: str, module: nn.Linear, rank: Any) -> Decision:
