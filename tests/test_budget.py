@@ -21,13 +21,7 @@ TOLERANCE = 0.03  # the budget is met within 3% (relative) of its target
 X64 = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensor ops on a CPU shared with other jobs run far faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----- Budget and allocate, alone ---------------------------------------------------------------

@@ -15,12 +15,7 @@ from fxshift.step_timer import TrainStepTimer, at_batch, clear_cache, is_channel
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(model: nn.Module) -> dict:

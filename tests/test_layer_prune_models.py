@@ -19,12 +19,7 @@ SLOW = ["resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_x_
         "mobilenet_v2", "mobilenet_v3_large", "vgg11_bn", "vgg16_bn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def residual_units(model: nn.Module) -> list[str]:

@@ -13,13 +13,7 @@ from fxshift.nn import LowRankLinear, SpatialConv2d
 from conftest import build_torchvision, rel_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensor ops on a CPU shared with other jobs run far faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv(*args, seed=0, **kwargs):

@@ -37,13 +37,7 @@ class DigitsNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The suite runs on a small shared machine: one thread is faster than two fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
