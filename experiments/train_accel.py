@@ -19,7 +19,7 @@ computation (same seed, same data order), so they are run once and their times r
 Outputs a markdown table (printed and written to experiments/results/train_accel.md) and a plot
 of test accuracy against training time (experiments/results/train_accel.png).
 
-    python experiments/train_accel.py                 # the full run (about 20 minutes on 2 idle cores)
+    python experiments/train_accel.py                 # the full run (about 15 minutes on 2 idle cores)
     python experiments/train_accel.py --quick         # a CI-size run, under a minute
 """
 from __future__ import annotations
@@ -257,7 +257,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--shift-mode", choices=["q", "ps", "none"], default="none", help="DeepShift row mode (none: skip)")
     p.add_argument("--widths", type=int, nargs=3, default=[48, 96, 192])
     p.add_argument("--blocks", type=int, default=1, help="BasicBlocks per stage")
-    p.add_argument("--train-size", type=int, default=30000, help="training images (the first N of 60k)")
+    p.add_argument("--train-size", type=int, default=20000, help="training images (the first N of 60k)")
     p.add_argument("--curve-size", type=int, default=2000, help="test images for the per-epoch accuracy curve")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.05)
