@@ -134,6 +134,23 @@ def test_shift_linear_shapes(batch_shape, k, o, bits):
     assert ys["scalar"].shape == (*batch_shape, o)
 
 
+@pytest.mark.parametrize("batch", [5, 8, 9, 31, 32, 33])
+@pytest.mark.parametrize("bits,has_zero", [(5, 1), (7, 0)])
+def test_shift_linear_batch_chunks(batch, bits, has_zero):
+    """Batches the GEMVs run in chunks of 4 rows (avx2 up to 8, avx512 up to 32), and past those limits the
+    blocked GEMM: every ISA against the scalar reference, with and without a per-channel scale."""
+    check_linear((batch,), 333, 41, bits, has_zero, True, batch)
+    gen = torch.Generator().manual_seed(batch)
+    words = random_packed(gen, (41, 333), bits, has_zero)
+    x, bias = torch.randn(batch, 333, generator=gen), torch.randn(41, generator=gen)
+    scale = torch.rand(41, generator=gen) + 0.5
+    w = packing.unpack(words, (41, 333), bits, has_zero)
+    mag = F.linear(x.double().abs(), w.double().abs()) * scale.double() + bias.double().abs()
+    ys = each_isa(lambda: native.shift_linear(x, words, 41, bits, has_zero, bias, scale=scale))
+    for isa, y in ys.items():
+        assert_close_to(y, ys["scalar"].double(), mag, f"scaled {isa} vs scalar")
+
+
 def check_conv(n, c, h, w, o, kh, kw, stride, padding, dilation, groups, bits, has_zero, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     shape = (o, c // groups, kh, kw)

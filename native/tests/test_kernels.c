@@ -250,7 +250,9 @@ static void test_float_kernels(void)
 {
     static const int64_t lin[][3] = {{1, 1, 1},    {1, 7, 5},     {1, 100, 33}, {2, 257, 19},
                                      {3, 64, 64},  {4, 1000, 17}, {5, 50, 30},  {8, 300, 70},
-                                     {13, 513, 41}, {1, 4096, 9}, {6, 17, 100}};
+                                     {13, 513, 41}, {1, 4096, 9}, {6, 17, 100},
+                                     /* batch chunks of the GEMVs and the GEMV/GEMM limits */
+                                     {7, 96, 37},   {9, 129, 66},  {32, 70, 45}, {33, 20, 37}};
     int bits, hz, i;
     for (bits = FXS_MIN_BITS; bits <= FXS_MAX_BITS; ++bits)
         for (hz = 0; hz <= 1; ++hz)

@@ -8,13 +8,15 @@
  * code is masked with one compare.
  *
  * Kernels:
- *  - linear, batch <= 4 (GEMV, memory bound): streams the packed words once.
+ *  - linear, batch <= 8 (GEMV, memory bound): streams the packed words once
+ *    per chunk of up to 4 batch rows (the chunks of a block of rows follow
+ *    one another while its words are in L2).
  *    Lane l of an 8-word vector holds codes (8j + l) * pw + i for slots
  *    i < pw, so slot i of all 8 lanes is extracted with immediate shifts; x is
  *    permuted once per call to the same order ("xp"), so no shuffles are
  *    needed in the inner loop.  Several rows per pass share the x loads;
  *    rows are split across threads.
- *  - linear, batch > 4: blocked GEMM (gemm_common.h); W^T panels are decoded
+ *  - linear, batch > 8: blocked GEMM (gemm_common.h); W^T panels are decoded
  *    per block straight from the packed words (16 rows' words transposed,
  *    then decoded with uniform shifts).
  *  - conv2d: direct convolution (gemm_common.h) with a 6x16 register-blocked
@@ -116,7 +118,7 @@ static void permute_x(const uint32_t *x, int64_t K, int bits, int64_t nblk, uint
             }
 }
 
-/* ---- float GEMV (batch <= 4) ------------------------------------------------------ */
+/* ---- float GEMV (batch <= GEMV_MAX_BATCH) ------------------------------------------------------ */
 typedef struct {
     const float *xp;
     int64_t xp_stride; /* floats per batch element */
@@ -230,20 +232,29 @@ static const gemv_fn gemv_tab[8][2][4] = {GEMV_ROW(2), GEMV_ROW(3), GEMV_ROW(4),
                                           GEMV_ROW(6), GEMV_ROW(7), GEMV_ROW(8), GEMV_ROW(9)};
 
 #define GEMV_ROWS_PER_JOB 32
+#define GEMV_CHUNK 4 /* batch rows per pass over a row block (the instantiated B) */
 
 typedef struct {
     gemv_args g;
-    gemv_fn fn;
-    int64_t rows;
+    int64_t rows, batch;
+    int bits, has_zero;
 } gemv_ctx;
 
+/* job = a block of rows; batch chunks of up to GEMV_CHUNK run over it in turn,
+ * while its words are still in L2. */
 static void gemv_job(void *vctx, int64_t job, int tid)
 {
     const gemv_ctx *c = (const gemv_ctx *)vctx;
-    int64_t r0 = job * GEMV_ROWS_PER_JOB;
+    int64_t r0 = job * GEMV_ROWS_PER_JOB, b0;
     int64_t r1 = r0 + GEMV_ROWS_PER_JOB < c->rows ? r0 + GEMV_ROWS_PER_JOB : c->rows;
     (void)tid;
-    c->fn(&c->g, r0, r1);
+    for (b0 = 0; b0 < c->batch; b0 += GEMV_CHUNK) {
+        int64_t nb = c->batch - b0 < GEMV_CHUNK ? c->batch - b0 : GEMV_CHUNK;
+        gemv_args g = c->g;
+        g.xp += b0 * g.xp_stride;
+        g.y += b0 * g.ldy;
+        gemv_tab[c->bits - 2][c->has_zero][nb - 1](&g, r0, r1);
+    }
 }
 
 static int avx2_gemv(const fxs_linear_args *a)
@@ -267,7 +278,9 @@ static int avx2_gemv(const fxs_linear_args *a)
     c.g.bias = (const float *)a->bias;
     c.g.y = a->y;
     c.g.ldy = a->out_features;
-    c.fn = gemv_tab[a->bits - 2][a->has_zero][a->batch - 1];
+    c.bits = a->bits;
+    c.has_zero = a->has_zero;
+    c.batch = a->batch;
     c.rows = a->out_features;
     fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB,
                  a->out_features * a->in_features * a->batch < FXS_PARALLEL_MIN_MACS ? 1 : FXS_MAX_THREADS,
@@ -556,7 +569,9 @@ static const fxs_gemm_isa avx2_gemm = {
     {{UMR, UNR, ukernel_ind_6x16, tile_store_16, pack_a_codes}},
 };
 
-#define GEMV_MAX_BATCH 4
+#ifndef GEMV_MAX_BATCH
+#define GEMV_MAX_BATCH 8 /* above it the blocked GEMM is faster (measured, 1024x4096) */
+#endif
 
 static int avx2_linear_f32(const fxs_linear_args *a)
 {

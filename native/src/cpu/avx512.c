@@ -2,7 +2,8 @@
  * avx512.c - AVX-512 kernels (F/BW/VL/VBMI; this file alone is compiled with
  * those flags, dispatch calls it only on CPUs that have all of them).
  *
- *  - linear, batch <= 4 (GEMV): the packed words are turned into bfloat16
+ *  - linear, batch <= 32 (GEMV, in chunks of 4 batch rows over each block of
+ *    rows): the packed words are turned into bfloat16
  *    weights two codes per 32-bit lane:
  *      vpmultishiftqb  moves 4 codes of each qword into the low bits of four
  *                      16-bit lanes (one instruction for 32 codes, any bits),
@@ -262,19 +263,33 @@ static const gemv_fn gemv_tab[8][2][4] = {GEMV_ROW_LUT(2), GEMV_ROW_LUT(3), GEMV
 
 #define GEMV_ROWS_PER_JOB 32
 
+#define GEMV_CHUNK 4 /* batch rows per pass over a row block (the instantiated B) */
+
 typedef struct {
     gemv_args *g;
-    gemv_fn fn;
-    int64_t rows;
+    int64_t rows, batch;
+    int bits, has_zero;
 } gemv_ctx;
 
+/* job = a block of rows; batch chunks of up to GEMV_CHUNK run over it in turn,
+ * while its words are still in L2. */
 static void gemv_job(void *vctx, int64_t job, int tid)
 {
     const gemv_ctx *c = (const gemv_ctx *)vctx;
-    int64_t r0 = job * GEMV_ROWS_PER_JOB;
+    int64_t r0 = job * GEMV_ROWS_PER_JOB, b0;
     int64_t r1 = r0 + GEMV_ROWS_PER_JOB < c->rows ? r0 + GEMV_ROWS_PER_JOB : c->rows;
     (void)tid;
-    c->fn(c->g, r0, r1);
+    if (c->batch <= GEMV_CHUNK) {
+        gemv_tab[c->bits - 2][c->has_zero][c->batch - 1](c->g, r0, r1);
+        return;
+    }
+    for (b0 = 0; b0 < c->batch; b0 += GEMV_CHUNK) {
+        int64_t nb = c->batch - b0 < GEMV_CHUNK ? c->batch - b0 : GEMV_CHUNK;
+        gemv_args g = *c->g;
+        g.xp += b0 * g.xp_stride;
+        g.y += b0 * g.ldy;
+        gemv_tab[c->bits - 2][c->has_zero][nb - 1](&g, r0, r1);
+    }
 }
 
 static int avx512_gemv(const fxs_linear_args *a)
@@ -304,7 +319,9 @@ static int avx512_gemv(const fxs_linear_args *a)
     g->y = a->y;
     g->ldy = a->out_features;
     c.g = g;
-    c.fn = gemv_tab[a->bits - 2][a->has_zero][a->batch - 1];
+    c.bits = a->bits;
+    c.has_zero = a->has_zero;
+    c.batch = a->batch;
     c.rows = a->out_features;
     fxs_parallel((a->out_features + GEMV_ROWS_PER_JOB - 1) / GEMV_ROWS_PER_JOB,
                  a->out_features * a->in_features * a->batch < FXS_PARALLEL_MIN_MACS ? 1 : FXS_MAX_THREADS,
@@ -636,7 +653,9 @@ static const fxs_gemm_isa avx512_gemm = {
      {8, 48, ukernel_ind_8x48, tile_store_48, pack_a_codes8}},
 };
 
-#define GEMV_MAX_BATCH 4
+#ifndef GEMV_MAX_BATCH
+#define GEMV_MAX_BATCH 32 /* above it the blocked GEMM is faster (measured, 1024x4096) */
+#endif
 
 static int avx512_linear_f32(const fxs_linear_args *a)
 {
