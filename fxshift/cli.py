@@ -316,6 +316,9 @@ def _input_shape(info: dict, override: Optional[str]) -> tuple[int, ...]:
 
 def cmd_bench(args) -> int:
     from fxshift.onnx import export_plain, library_path, plugin_available
+    import onnx
+
+    from fxshift.onnx.lowering import choose_lowering, lowered
     from fxshift.onnx.process_timing import onnx_medians
     from fxshift.onnx.runtime import default_threads
     from fxshift.report import format_table
@@ -350,12 +353,18 @@ def cmd_bench(args) -> int:
         runtimes["functions" if has_shift else "model"] = (args.file, None, size)
         rows = []
         for batch in args.batch:
-            _log(f"batch {batch}: {args.rounds} rounds of {len(runtimes)} alternating processes ...")
-            medians, load = onnx_medians({k: (f, lib) for k, (f, lib, _) in runtimes.items()},
+            timed = dict(runtimes)
+            if "plugin" in runtimes:  # per node, the faster of kernel and body, measured at this batch
+                _log(f"batch {batch}: timing each fxshift node on the plugin and through its body ...")
+                auto = Path(tmp) / f"auto_b{batch}.onnx"
+                onnx.save(lowered(args.file, choose_lowering(args.file, batch=batch, threads=threads)), auto)
+                timed["plugin auto"] = (auto, library_path(), auto.stat().st_size)
+            _log(f"batch {batch}: {args.rounds} rounds of {len(timed)} alternating processes ...")
+            medians, load = onnx_medians({k: (f, lib) for k, (f, lib, _) in timed.items()},
                                          (batch, *shape[1:]), rounds=args.rounds, iters=5, warmup=1,
                                          min_time=0.2, threads=threads)
             base = medians.get("float")
-            for name, (_, _, nbytes) in runtimes.items():
+            for name, (_, _, nbytes) in timed.items():
                 rows.append({"batch": batch, "runtime": name, "ms": f"{1e3 * medians[name]:.2f}",
                              "speed vs float": f"{base / medians[name]:.2f}x" if base else "",
                              "MB": f"{nbytes / 1e6:.2f}",
@@ -365,7 +374,8 @@ def cmd_bench(args) -> int:
           f"of {args.rounds} alternating rounds, input {(None, *shape[1:])}; load = 1-min load average")
     print(format_table(rows, ["batch", "runtime", "ms", "speed vs float", "MB", "size vs float", "load"]))
     print("runtime: float = the float model exported with standard ops; plugin = fxshift ops on libfxshift_ort; "
-          "functions = fxshift ops through the file's function bodies (stock onnxruntime)")
+          "functions = fxshift ops through the file's function bodies (stock onnxruntime); plugin auto = each "
+          "fxshift node on whichever of the two measured faster at that batch (fxshift.onnx.lowering)")
     return 0
 
 

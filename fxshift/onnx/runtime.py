@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from ..errors import NativeError
+from ..errors import ConfigError, NativeError
 from ..ops.libraries import find_library, library_filename
 from .export import _as_tuple, export_onnx, export_plain
 
@@ -99,7 +99,7 @@ def session_options(options: Any = None, *, plugin: bool = True, threads: Option
 
 def session(path: Union[str, os.PathLike, bytes], *, plugin: bool = True, threads: Optional[int] = None,
             optimization: str = "all", spinning: bool = False, options: Any = None,
-            providers: Optional[list] = None):
+            providers: Optional[list] = None, lowering: Union[str, Mapping[str, Any]] = "plugin"):
     """An ``onnxruntime.InferenceSession`` of ``path`` (a file or serialized model bytes).
 
     Parameters
@@ -107,6 +107,12 @@ def session(path: Union[str, os.PathLike, bytes], *, plugin: bool = True, thread
     plugin : bool
         Register libfxshift_ort (default). With False, fxshift-domain nodes run through the
         function bodies the exported file carries (standard ops; stock onnxruntime).
+    lowering : "plugin", "auto" or a mapping
+        With the plugin: ``"plugin"`` runs every fxshift node on its native kernel; ``"auto"``
+        first times each node both ways at batch 1 and inlines the bodies that measured faster
+        (fxshift.onnx.lowering; seconds at session creation); a mapping node name -> "plugin" |
+        "body" (what :func:`fxshift.onnx.lowering.choose_lowering` returns, e.g. for another
+        batch size) applies that choice.
     threads, optimization, spinning, options
         As for :func:`session_options`.
     providers : list, optional
@@ -116,6 +122,13 @@ def session(path: Union[str, os.PathLike, bytes], *, plugin: bool = True, thread
 
     so = session_options(options, plugin=plugin, threads=threads, optimization=optimization, spinning=spinning)
     model = path if isinstance(path, bytes) else os.fspath(path)
+    if plugin and lowering != "plugin":
+        from .lowering import choose_lowering, lowered
+
+        if isinstance(lowering, str) and lowering != "auto":
+            raise ConfigError(f"lowering must be 'plugin', 'auto' or a mapping node -> 'plugin'|'body', got {lowering!r}")
+        choice = choose_lowering(model, threads=threads) if lowering == "auto" else lowering
+        model = lowered(model, choice).SerializeToString()
     return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
 
 
