@@ -34,8 +34,8 @@ __all__ = ["LayerStats", "StatsAccumulator", "CalibrationResult", "conv_columns"
            "calibrate_shift_weight", "output_error", "nearest_log_codes", "adaround_plan"]
 
 _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
-MAX_MACS = 1e11  # default AdaRound budget per layer (multiply-adds over all steps): ~2-4 s on 2 cores
-_MIN_BATCH = 128  # fewest columns per minibatch step
+MAX_MACS = 3e10  # default AdaRound budget per layer (multiply-adds over all steps): ~1-2 s on 2 cores
+_MIN_BATCH = 64  # fewest columns per minibatch step
 _MAX_KEPT = 2 ** 26  # floats of stored columns per layer (256 MB)
 
 
@@ -63,7 +63,7 @@ def adaround_plan(rows: int, k: int, groups: int, n: int, iterations: int, max_m
 
     The exact forms are Hqq (O·K² a step) or all n columns (2·O·K·n a step, when n < K/2); the cheaper
     is used when it fits `max_macs` over the steps, else a minibatch of m = max_macs / (2·O·K·steps)
-    columns (at least 128) a step from a fixed-seed sample of the columns."""
+    columns (at least 64) a step from a fixed-seed sample of the columns."""
     if iterations <= 0 or n <= 0:
         return 0, 0
     h_cost, full_cost = rows * k * k * iterations, 2 * rows * k * n * iterations
@@ -190,8 +190,15 @@ def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _moments(q: torch.Tensor, st: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Cov(u, x̃)·q, q·Hqq·q) per row: the centred error of ŵ = s·q is Var(u) − 2s·first + s²·second."""
-    return (st.c_uq * q).sum(-1), ((q @ st.h_qq) * q).sum(-1)
+    """(Cov(u, x̃)·q, q·Hqq·q) per row: the centred error of ŵ = s·q is Var(u) − 2s·first + s²·second.
+
+    q·Hqq·q comes from all stored columns instead when there are fewer of them than inputs (cheaper)."""
+    cols = st.cols_q
+    if cols is not None and cols.shape[1] == st.n and st.n < cols.shape[2]:
+        qq = (q @ cols.transpose(1, 2)).pow_(2).sum(-1) / st.n
+    else:
+        qq = ((q @ st.h_qq) * q).sum(-1)
+    return (st.c_uq * q).sum(-1), qq
 
 
 def _centred_error(st: LayerStats, s: torch.Tensor, cq: torch.Tensor, qq: torch.Tensor) -> torch.Tensor:
@@ -221,6 +228,14 @@ def output_error(stats: LayerStats, bias: Optional[torch.Tensor], new_weight: to
     return _relative(_centred_error(stats, torch.ones_like(cq), cq, qq) + _mean_error(stats, b, w_hat, b_hat), stats, b)
 
 
+def _adam(v: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """Plain Adam (betas 0.9 / 0.999) on v, fused into one kernel where torch has it."""
+    try:
+        return torch.optim.Adam([v], lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam([v], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
 def _adaround(w: torch.Tensor, s: torch.Tensor, st: LayerStats, weight_bits: int, iterations: int, lam: float,
               lr: float, batch: int, seed: int) -> torch.Tensor:
     """Codes q (G, Og, K) choosing the lower/upper power of two of |w|/s per weight (see the module doc)."""
@@ -233,7 +248,6 @@ def _adaround(w: torch.Tensor, s: torch.Tensor, st: LayerStats, weight_bits: int
     frac = torch.where(gap > 0, (a - lo) / gap.clamp(min=1e-30), torch.zeros_like(a))
     frac = frac.clamp(0.01, 0.99)
     v = -torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1)
-    m1, m2 = torch.zeros_like(v), torch.zeros_like(v)  # Adam moments (plain Adam, betas 0.9 / 0.999)
     step = s.unsqueeze(-1) * sign * gap  # dŵ/dh
     base = s.unsqueeze(-1) * sign * lo
     cq, qq = _moments(base + step * (frac > 0.5), st)
@@ -248,13 +262,15 @@ def _adaround(w: torch.Tensor, s: torch.Tensor, st: LayerStats, weight_bits: int
         gen = torch.Generator().manual_seed(seed)
         order, pos = torch.randperm(m_all, generator=gen), 0
     stretch = _ZETA - _GAMMA
-    w_hat = torch.empty_like(v)
+    edge = math.log((_ZETA - _GAMMA) / -_GAMMA - 1)  # |v| < edge ⟺ 0 < σ(v)(ζ−γ)+γ < 1 (h not clipped)
+    step_grad = step * (2 * stretch / norm)  # d(error / norm)/dŵ · dŵ/dh · dh/dσ, but for σ(1−σ)
+    v = v.contiguous()
+    opt = _adam(v, lr)
     for it in range(iterations):
         sig = torch.sigmoid(v)
-        raw = sig * stretch + _GAMMA
-        h = raw.clamp(0, 1)
-        torch.addcmul(base, step, h, out=w_hat)
-        if not use_cols:  # d(centred error)/dŵ; the mean goes to the bias
+        h = sig.mul(stretch).add_(_GAMMA).clamp_(0, 1)
+        w_hat = torch.addcmul(base, step, h)
+        if not use_cols:  # d(centred error)/dŵ / 2; the mean goes to the bias
             grad = w_hat @ st.h_qq - st.c_uq
         elif batch == m_all:
             grad = (w_hat @ st.cols_q.transpose(1, 2) - st.cols_u.transpose(1, 2)) @ st.cols_q / m_all
@@ -265,16 +281,14 @@ def _adaround(w: torch.Tensor, s: torch.Tensor, st: LayerStats, weight_bits: int
             pos += batch
             xb, ub = st.cols_q.index_select(1, idx), st.cols_u.index_select(1, idx)  # (G, m, K), (G, m, Og)
             grad = (xb @ w_hat.transpose(1, 2) - ub).transpose(1, 2) @ xb / batch
-        grad.mul_(step).mul_(2 / norm)  # d/dh
-        if it >= warm:
+        grad.mul_(step_grad)
+        if it >= warm:  # regulariser λ·Σ(1 − |2h−1|^β): its gradient is −2λβ·sign(d)|d|^(β−1), d = 2h−1
             beta = 20 + (2 - 20) * (it - warm) / max(1, iterations - warm - 1)
-            d = 2 * h - 1
-            grad.sub_(d.abs().pow_(beta - 1).mul_(torch.sign(d)), alpha=2 * lam / count * beta)
-        grad.mul_(sig * (1 - sig) * stretch).mul_((raw > 0) & (raw < 1))
-        m1.mul_(0.9).add_(grad, alpha=0.1)
-        m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
-        denom = (m2 / (1 - 0.999 ** (it + 1))).sqrt_().add_(1e-8)
-        v.addcdiv_(m1, denom, value=-lr / (1 - 0.9 ** (it + 1)))
+            d = h.mul_(2).sub_(1)
+            grad.sub_(d.abs().pow_(beta - 2).mul_(d), alpha=2 * lam / count * beta * stretch)
+        grad.mul_(sig.addcmul_(sig, sig, value=-1)).masked_fill_(v.abs() >= edge, 0)  # · σ(1−σ), 0 where clipped
+        v.grad = grad
+        opt.step()
     return sign * (lo + gap * (v >= 0).to(lo.dtype))
 
 
