@@ -5,7 +5,8 @@ Run:  pytest benchmarks/bench_shift_calibration.py -s     (FXSHIFT_BENCH_QUICK=1
 fxshift.models.small_cnn (random init, eval mode) on random 28×28 images: the calibrated 5-bit conversion,
 the plain conversion and one float forward over the calibration set are timed round-robin in one run
 (medians over the rounds), so both ratios compare timings that saw the same machine state; the load
-average is recorded beside them. pytest-benchmark records the calibrated conversion.
+average is recorded beside them. pytest-benchmark records the calibrated conversion (quick mode: the
+plain one, the calibrated one being timed once in the round).
 """
 import os
 import statistics
@@ -20,14 +21,14 @@ from fxshift.models import small_cnn
 
 from conftest import QUICK
 
-IMAGES, BATCH = (64, 32) if QUICK else (512, 64)
-ITERATIONS = 20 if QUICK else 100
-ROUNDS = 2 if QUICK else 3
+IMAGES, BATCH = (16, 16) if QUICK else (512, 64)
+ITERATIONS = 10 if QUICK else 100
+ROUNDS = 1 if QUICK else 3
 
 
-def _timed(fn) -> float:
+def _timed(fn, out: dict, key: str) -> float:
     t = time.perf_counter()
-    fn()
+    out[key] = fn()
     return time.perf_counter() - t
 
 
@@ -50,18 +51,23 @@ def setup():
         for b in batches:
             model(b)
 
+    # warm-up outside the timing: the first calibration pays one-off imports (torch.optim, ~seconds)
+    fxshift.apply([ShiftQuantizePass(weight_bits=5, calibration=batches[:1], iterations=1, progress=False)], model,
+                  x[:1])
     return model, x, {"calibrated": calibrated, "plain": plain, "float_forward": forward}
 
 
 def test_calibration_time_ratio(benchmark, setup):
     model, x, fns = setup
     load = os.getloadavg()
-    times = {k: [] for k in fns}
+    times, last = {k: [] for k in fns}, {}
     for _ in range(ROUNDS):
         for k, fn in fns.items():
-            times[k].append(_timed(fn))
+            times[k].append(_timed(fn, last, k))
     med = {k: statistics.median(v) for k, v in times.items()}
-    gm = benchmark.pedantic(fns["calibrated"], rounds=1, iterations=1)
+    gm = last["calibrated"] if QUICK else benchmark.pedantic(fns["calibrated"], rounds=1, iterations=1)
+    if QUICK:  # the round above is the measurement; pytest-benchmark times the (cheap) plain conversion
+        benchmark.pedantic(fns["plain"], rounds=1, iterations=1)
     ratio_fwd, ratio_plain = med["calibrated"] / med["float_forward"], med["calibrated"] / med["plain"]
     benchmark.extra_info.update(model="small_cnn", images=IMAGES, iterations=ITERATIONS, threads=torch.get_num_threads(),
                                 loadavg_1min=round(load[0], 2), calibrated_s=round(med["calibrated"], 3),
@@ -71,7 +77,7 @@ def test_calibration_time_ratio(benchmark, setup):
           f"{ratio_fwd:.0f}× a float forward over the calibration set ({1e3 * med['float_forward']:.1f} ms), "
           f"{ratio_plain:.0f}× the plain conversion ({1e3 * med['plain']:.1f} ms); load {load[0]:.1f}")
     # the time buys something: calibrated conversion fits the float model better than plain rounding
-    plain = fns["plain"]().eval()
+    plain = last["plain"].eval()
     with torch.no_grad():
         y = model(x)
         err = {k: float((m.eval()(x) - y).norm() / y.norm()) for k, m in (("plain", plain), ("calibrated", gm))}

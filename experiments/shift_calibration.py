@@ -101,7 +101,10 @@ def main() -> None:
     ap.add_argument("--timing-threads", type=int, default=2)
     args = ap.parse_args()
     if args.resnet18_timing:
-        resnet18_timing(threads=args.timing_threads, iterations=args.iterations)
+        out = resnet18_timing(threads=args.timing_threads, iterations=args.iterations)
+        path = Path(args.out).with_suffix(f".timing{args.timing_threads}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -163,7 +166,17 @@ def main() -> None:
                      f"{r['method']} | {r['images'] or '-'} | {r['accuracy']:.2f} | "
                      f"{r['accuracy'] - floats[r['model']]:+.2f} | {r['agreement']:.2f} | {r['seconds']:.1f} |")
     lines += ["", f"Reproduce: `python experiments/shift_calibration.py` (options: --train, --test, --epochs, "
-              "--calibration, --bits, --iterations, --threads)."]
+              "--calibration, --bits, --iterations, --threads, --cache)."]
+    timings = sorted(out.parent.glob(out.name + ".timing*.json"))
+    if timings:
+        lines += ["", "Speed (`python experiments/shift_calibration.py --resnet18-timing --timing-threads T`): "
+                  "calibrated 5-bit conversion of torchvision resnet18 (random init, BatchNorm in eval mode), 32 "
+                  "random-normal 224×224 images, AdaRound 100 steps per layer, progress bar on:", "",
+                  "| threads | wall s | CPU s (all threads) | load average before → after |", "|---|---|---|---|"]
+        for path in timings:
+            t = json.loads(path.read_text())
+            lines.append(f"| {t['threads']} | {t['seconds']:.1f} | {t['cpu_seconds']:.1f} | "
+                         f"{t['load_before'][0]:.1f} → {t['load_after'][0]:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

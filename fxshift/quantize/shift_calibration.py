@@ -76,7 +76,8 @@ def adaround_plan(rows: int, k: int, groups: int, n: int, iterations: int, max_m
 
 @dataclass
 class LayerStats:
-    """Centred moments of one layer's float outputs u = W·x (no bias) and converted-model inputs x̃, per group."""
+    """Centred moments of one layer's target u = W·x (no bias; plus any offset given to StatsAccumulator.add)
+    and of its converted-model inputs x̃, per group."""
 
     n: int
     mean_q: torch.Tensor  # (G, K)       E x̃
