@@ -24,6 +24,7 @@ projecting on W first keeps the cost at one K×K product per batch (Hqq) instead
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -37,6 +38,19 @@ _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
 MAX_MACS = 3e10  # default AdaRound budget per layer (multiply-adds over all steps): ~1-2 s on 2 cores
 _MIN_BATCH = 64  # fewest columns per minibatch step
 _MAX_KEPT = 2 ** 26  # floats of stored columns per layer (256 MB)
+_PARALLEL_MIN = 1 << 22  # AdaRound on fewer weights runs on one thread (its many small passes lose to thread sync)
+
+
+@contextmanager
+def _threads_at_most(n: int):
+    old = torch.get_num_threads()
+    if n < old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n < old:
+            torch.set_num_threads(old)
 
 
 def conv_columns(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -330,7 +344,8 @@ def calibrate_shift_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], s
     s, q, cq, qq, _ = best
     rows = 0
     if adaround and iterations > 0:
-        q_ada = _adaround(w, s, stats, weight_bits, iterations, lam, lr, batch, seed)
+        with _threads_at_most(1 if w.numel() < _PARALLEL_MIN else torch.get_num_threads()):
+            q_ada = _adaround(w, s, stats, weight_bits, iterations, lam, lr, batch, seed)
         cq_a, qq_a = _moments(q_ada, stats)
         s_a, s_n = refit(s, cq_a, qq_a), refit(s, cq, qq)
         take = _centred_error(stats, s_a, cq_a, qq_a) < _centred_error(stats, s_n, cq, qq)
