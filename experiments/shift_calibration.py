@@ -96,10 +96,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "shift_calibration"))
     ap.add_argument("--cache", default=None, help="folder to keep the trained float models in (reused when present)")
+    ap.add_argument("--residual", action="store_true",
+                    help="layers feeding a residual add also make up the shortcut's error (fxshift.passes."
+                         "shift_calibrate.RESIDUAL, off by default)")
     ap.add_argument("--resnet18-timing", action="store_true",
                     help="only time calibration of torchvision resnet18 on 32 random 224×224 images")
     ap.add_argument("--timing-threads", type=int, default=2)
     args = ap.parse_args()
+    if args.residual:
+        import fxshift.passes.shift_calibrate as shift_calibrate
+
+        shift_calibrate.RESIDUAL = True
     if args.resnet18_timing:
         out = resnet18_timing(threads=args.timing_threads, iterations=args.iterations)
         path = Path(args.out).with_suffix(f".timing{args.timing_threads}.json")
@@ -156,7 +163,8 @@ def main() -> None:
     lines = ["# Post-training DeepShift-Q conversion: plain vs calibrated (Fashion-MNIST)", "",
              f"Train {args.train} images, {args.epochs} epochs (AdamW one-cycle, lr 3e-3), test {args.test} images; "
              f"calibration images from the training split not used for training; AdaRound {args.iterations} "
-             f"steps per layer; {args.threads} thread(s); load average before {meta['load_before'][0]:.1f}, "
+             f"steps per layer; residual make-up {'on' if args.residual else 'off'}; {args.threads} thread(s); "
+             f"load average before {meta['load_before'][0]:.1f}, "
              f"after {meta['load_after'][0]:.1f}. No retraining. Accuracy of the frozen (packed) model.", "",
              "| model | weights | conversion | calibration images | test accuracy % | Δ vs float | top-1 agreement % "
              "| conversion s |", "|---|---|---|---|---|---|---|---|"]
@@ -166,7 +174,7 @@ def main() -> None:
                      f"{r['method']} | {r['images'] or '-'} | {r['accuracy']:.2f} | "
                      f"{r['accuracy'] - floats[r['model']]:+.2f} | {r['agreement']:.2f} | {r['seconds']:.1f} |")
     lines += ["", f"Reproduce: `python experiments/shift_calibration.py` (options: --train, --test, --epochs, "
-              "--calibration, --bits, --iterations, --threads, --cache)."]
+              "--calibration, --bits, --iterations, --threads, --cache, --residual)."]
     timings = sorted(out.parent.glob(out.name + ".timing*.json"))
     if timings:
         lines += ["", "Speed (`python experiments/shift_calibration.py --resnet18-timing --timing-threads T`): "
