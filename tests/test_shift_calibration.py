@@ -250,3 +250,21 @@ def test_residual_layer_makes_up_the_shortcut_error(monkeypatch):
             y = m(x)
             errs[residual] = float((gm.eval()(x) - y).norm() / y.norm())
     assert errs[True] < 0.97 * errs[False], errs
+
+
+def test_adaround_single_thread_section_restores_the_thread_count():
+    from fxshift.quantize import shift_calibration as sc
+    torch.manual_seed(5)
+    x, w = torch.randn(500, 16), 0.3 * torch.randn(8, 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calibrate_shift_weight(w, None, _stats(w, x), 5, iterations=5)   # small layer: AdaRound on one thread
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with sc._threads_at_most(1):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
