@@ -17,7 +17,8 @@ projecting on W first keeps the cost at one K×K product per batch (Hqq) instead
    for a bounded number of Adam steps, then h rounds to 0/1; a row keeps nearest-in-log rounding if
    that is better. The gradient comes from Hqq, or — when that costs more than `max_macs` over the
    steps (big layers: O·K² multiply-adds a step) — from a minibatch of stored (x̃, u) columns per step
-   (a fixed-seed sample of the calibration positions), sized to the budget;
+   (a fixed-seed sample of the calibration positions), sized to the budget; AdaRound's many small
+   elementwise passes run on one thread for layers under 4M weights (thread sync costs more there);
 3. the scale is refitted by least squares for the chosen codes;
 4. bias correction: b̂ = b + E u − ŵ·μq removes the mean output shift.
 """
