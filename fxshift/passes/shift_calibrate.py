@@ -4,10 +4,19 @@ The graph runs node by node on all calibration batches twice over: once as the f
 before any change) and once as the model being converted. At each selected Conv2d / Linear the layer's
 float inputs and converted-model inputs give the second moments fxshift.quantize.shift_calibration works
 from; the layer is then replaced and its (converted) output feeds the layers after it.
+
+Residual adds (residual=True, off by default: on the Fashion-MNIST ResNet of
+experiments/shift_calibration.py it changed top-1 agreement by no more than the noise, see
+experiments/results/shift_calibration.md): when a layer's output (through a sole eval-mode BatchNorm)
+is only added to another branch that is already computed, the layer's target becomes its float output
+plus that branch's error (float minus converted, in the layer's units: divided by the BatchNorm's γ/σ),
+so the layer also makes up the error the shortcut carries past it; the report's output errors are
+then against that target.
 """
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -16,10 +25,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.shift import ShiftConv2d, explicit_padding
-from ..quantize.shift_calibration import (CalibrationResult, StatsAccumulator, calibrate_shift_weight, conv_columns,
-                                          linear_columns)
+from ..quantize.shift_calibration import (MAX_MACS, CalibrationResult, StatsAccumulator, adaround_plan,
+                                          calibrate_shift_weight, conv_columns, linear_columns)
 
 __all__ = ["calibration_batches", "calibrate_graph"]
+
+RESIDUAL = False  # True: layers feeding a residual add also make up the other branch's error (module doc)
 
 
 def calibration_batches(calibration: Any) -> list[tuple]:
@@ -65,6 +76,37 @@ def _sole_batchnorm(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, nn
     return users[0].target, bn
 
 
+def _residual_branch(gm: fx.GraphModule, float_gm: fx.GraphModule, node: fx.Node,
+                     computed: dict) -> Optional[tuple[fx.Node, Optional[torch.Tensor]]]:
+    """(the other input of the add the layer's output goes to, σ/γ of the BatchNorm between or None) when
+    the layer's output (through a sole eval-mode BatchNorm) is only added to a branch already `computed`."""
+    out, factor = node, None
+    found = _sole_batchnorm(gm, node)
+    if found is not None:
+        out = next(iter(node.users))
+        bn = float_gm.get_submodule(found[0])
+        gamma = bn.weight.detach()
+        std = torch.sqrt(bn.running_var.detach() + bn.eps)
+        factor = torch.where(gamma.abs() > 1e-12, std / torch.where(gamma == 0, torch.ones_like(gamma), gamma),
+                             torch.zeros_like(gamma))
+    users = list(out.users)
+    if len(users) != 1 or users[0].op != "call_function" or users[0].target not in (operator.add, torch.add):
+        return None
+    add = users[0]
+    if add.kwargs or len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args) or add.args[0] is add.args[1]:
+        return None
+    other = add.args[1] if add.args[0] is out else add.args[0]
+    return (other, factor) if other in computed else None
+
+
+def _offset_columns(offset: torch.Tensor, groups: int) -> torch.Tensor:
+    """A layer-output-shaped tensor as (G, O/G, n) columns in the order of conv_columns / linear_columns."""
+    if offset.dim() == 4:
+        n, o = offset.shape[:2]
+        return offset.reshape(n, groups, o // groups, -1).permute(1, 2, 0, 3).reshape(groups, o // groups, -1)
+    return offset.reshape(-1, offset.shape[-1]).t().unsqueeze(0)
+
+
 def _fold_into_bn(bn: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> None:
     """BN(scale ⊙ u + bias) = BN'(u): γ' = γ·scale, μ' = (μ − bias)/scale (eval-mode BatchNorm)."""
     with torch.no_grad():
@@ -74,14 +116,18 @@ def _fold_into_bn(bn: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> Non
 
 def calibrate_graph(gm: fx.GraphModule, batches: list[tuple], names: set[str],
                     convert: Callable[[str, nn.Module], tuple[nn.Module, Any]], weight_bits: int, iterations: int,
-                    progress: bool = True) -> dict[str, dict[str, Any]]:
+                    progress: bool = True, max_macs: float = MAX_MACS,
+                    residual: Optional[bool] = None) -> dict[str, dict[str, Any]]:
     """Convert the call_module layers `names` of `gm` in graph order, calibrated; returns per-layer info.
 
     `convert(name, module)` builds the plain shift layer and does the bookkeeping (report row); this
     function then writes the calibrated codes, scale and bias into it (or folds the scale into the
-    following BatchNorm) and puts it into the graph."""
+    following BatchNorm) and puts it into the graph. `max_macs`: AdaRound's budget per layer
+    (fxshift.quantize.shift_calibration.adaround_plan). `residual`: layers feeding a residual add also make
+    up the other branch's error (module doc); None: the module's RESIDUAL."""
     from ..graph import replace_module
 
+    residual = RESIDUAL if residual is None else residual
     float_gm = copy.deepcopy(gm)
     training = {n: m.training for n, m in gm.named_modules()}
     gm.eval()
@@ -142,14 +188,26 @@ def calibrate_graph(gm: fx.GraphModule, batches: list[tuple], names: set[str],
                     break
                 elif node.op == "call_module" and node.target in names:
                     module = gm.get_submodule(node.target)
-                    acc = StatsAccumulator()
                     x_node = node.args[0]
                     env_f[node] = checked(node, lambda: [run(node, env_f, float_gm, i)
                                                          for i in range(len(batches))])
+                    rows, groups = module.weight.shape[0], getattr(module, "groups", 1)
+                    total = sum(out.numel() // rows for out in env_f[node])  # output positions = columns
+                    keep, batch = adaround_plan(rows, module.weight[0].numel(), groups, total, iterations, max_macs)
+                    acc = StatsAccumulator(module.weight.reshape(rows, -1), groups, total, keep)
+                    branch = _residual_branch(gm, float_gm, node, env_q) if residual else None
                     layer, _ = convert(node.target, module)
-                    for xf, xq in zip(env_f[x_node], env_q[x_node]):
-                        acc.add(_columns(module, xf), _columns(module, layer._round_input(xq)))
-                    res = calibrate_shift_weight(module.weight, module.bias, acc.finish(), weight_bits, iterations)
+                    for i, (xf, xq) in enumerate(zip(env_f[x_node], env_q[x_node])):
+                        offset = None
+                        if branch is not None:
+                            other, factor = branch
+                            diff = env_f[other][i] - env_q[other][i]
+                            if factor is not None:
+                                diff = diff * (factor.view(1, -1, *([1] * (diff.dim() - 2))))
+                            offset = _offset_columns(diff, groups)
+                        acc.add(_columns(module, xf), _columns(module, layer._round_input(xq)), offset)
+                    res = calibrate_shift_weight(module.weight, module.bias, acc.finish(), weight_bits, iterations,
+                                                 batch=batch)
                     folded = _install(gm, node, layer, res)
                     replace_module(gm, node.target, layer)
                     env_q[node] = [layer(*fx.node.map_arg(node.args, lambda a: env_q[a][i]))
