@@ -16,8 +16,10 @@ LeafSpec = Optional[Iterable[Any]]
 
 
 def is_fxshift_module(module: torch.nn.Module) -> bool:
-    """Modules that fxshift passes insert stay opaque: passes and save/load treat them as units."""
-    return type(module).__module__.startswith("fxshift.")
+    """Modules that fxshift passes insert (all defined in fxshift.nn) stay opaque: passes and
+    save/load treat them as units. fxshift's reference models (fxshift.models) are traced through
+    like any user model."""
+    return type(module).__module__.startswith("fxshift.nn.")
 
 
 def _split_leaves(leaf_modules: LeafSpec) -> tuple[tuple[type, ...], frozenset[str]]:
