@@ -274,8 +274,9 @@ class GatedConv2d(nn.Module):
                    train_mask=spec.get("train_mask", False))
 
 
+#: skip mode's activations; they may work in place (they get the conv's fresh output).
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda y: y, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
+    "none": lambda y: y, "relu": torch.relu_, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
 }
 
 
