@@ -72,19 +72,13 @@ class VGGStyle(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-class Block(BasicBlock):
-    """fxshift.models.BasicBlock under this module's name: fxshift's tracer keeps every module whose
-    class lives in the fxshift package opaque (fxshift.trace.is_fxshift_module), so the shared block
-    itself would be one leaf and its convs would never be gated."""
-
-
 class ResNetStyle(nn.Module):
     """stem 24 @28² → blocks 24→48 (s2), 48→48, 48→96 (s2) → global pool → linear (about 21M MACs)."""
 
     def __init__(self, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(*conv_bn_relu(1, 24))
-        self.blocks = nn.Sequential(Block(24, 48, 2), Block(48, 48, 1), Block(48, 96, 2))
+        self.blocks = nn.Sequential(BasicBlock(24, 48, 2), BasicBlock(48, 48, 1), BasicBlock(48, 96, 2))
         self.fc = nn.Linear(96, classes)
 
     def forward(self, x):
