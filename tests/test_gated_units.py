@@ -98,6 +98,22 @@ def test_skip_equals_mask(batch):
     assert ((skip - mask).norm() / mask.norm()).item() < 1e-5
 
 
+def test_skip_equals_mask_when_no_logit_passes():
+    """Batch 1 with every logit negative: skip keeps the top filter only (the select_filters rule), as mask does."""
+    u1, u2 = two_units()
+    with torch.no_grad():
+        u2.predictor.bias.sub_(100.0)           # no filter of u2 reaches logit > 0 for this input
+    u1.eval(), u2.eval()
+    x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    skip, _, idx2 = run(u1, u2, x)
+    assert len(idx2) == 1
+    for u in (u1, u2):
+        u.gating = "mask"
+    mask, _, _ = run(u1, u2, x)
+    assert (mask[0].flatten(1).abs().sum(1) > 0).sum() <= 1
+    assert ((skip - mask).norm() / mask.norm().clamp_min(1e-12)).item() < 1e-5
+
+
 def test_decoupled_mask_loss_reaches_only_predictors():
     for decoupled in (True, False):
         u1, u2 = two_units(decoupled=decoupled)

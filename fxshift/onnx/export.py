@@ -23,6 +23,7 @@ from ..errors import FxshiftError
 from ..nn.freeze import freeze
 from ..nn.shift import SHIFT_LAYERS
 from . import functions
+from . import gated as gated_lowering
 
 __all__ = ["export_onnx", "export_plain", "to_model_proto", "inline_functions", "TARGETS", "ExportError"]
 
@@ -177,13 +178,16 @@ def _export(model: nn.Module, inputs: tuple, target: str, dynamic_batch: bool, o
     names = ["input"] if len(inputs) == 1 else [f"input{i}" for i in range(len(inputs))]
     dynamic_shapes = tuple({0: torch.export.Dim("batch", min=1)} for _ in inputs) if dynamic_batch else None
     log = io.StringIO()
+    gated = _has_gated_units(model)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, trace_inputs, dynamo=True, verbose=False, input_names=names,
                                         output_names=["output"], opset_version=opset, dynamic_shapes=dynamic_shapes,
-                                        custom_translation_table=_translation_table(), optimize=True,
+                                        custom_translation_table=_translation_table(), optimize=not gated,
                                         external_data=False)
+        if gated:   # the exporter's optimizer is superlinear on gated graphs (fxshift/onnx/gated.py)
+            gated_lowering.optimize(program.model)
     except ExportError:
         raise
     except Exception as exc:  # the exporter's errors are long; keep the first line and the log

@@ -15,7 +15,7 @@ from ..nn.gated import skip_conv
 
 
 @torch.library.custom_op("fxshift::gated_conv2d", mutates_args=())
-def _gated_conv2d(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: torch.Tensor,
+def _gated_conv2d(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: Optional[torch.Tensor],
                   shift: torch.Tensor, predictor_weight: torch.Tensor, predictor_bias: torch.Tensor, stride: list[int],
                   padding: list[int], dilation: list[int], act: str) -> tuple[torch.Tensor, torch.Tensor]:
     y, idx, _ = skip_conv(x, in_idx, weight, scale, shift, predictor_weight, predictor_bias, stride, padding,
@@ -42,10 +42,13 @@ def _(y, idx, channels):
 
 
 def gated_conv2d(unit, x: torch.Tensor, in_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A GatedConv2d's skip-mode forward as one fxshift::gated_conv2d call."""
+    """A GatedConv2d's skip-mode forward as one fxshift::gated_conv2d call. The BN scale goes into the
+    weight here, on parameters only (constant-folded by onnxruntime when the session loads), so the
+    exported graph does not multiply the gathered weight rows by it at every inference."""
     scale, shift = unit.affine()
     conv = unit.conv
-    return torch.ops.fxshift.gated_conv2d(x, in_idx, conv.weight, scale, shift, unit.predictor.weight.flatten(1),
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    return torch.ops.fxshift.gated_conv2d(x, in_idx, weight, None, shift, unit.predictor.weight.flatten(1),
                                           unit.predictor.bias, list(conv.stride), list(conv.padding),
                                           list(conv.dilation), unit.act_name)
 
