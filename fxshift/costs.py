@@ -124,12 +124,19 @@ def input_shapes(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, 
     ResNet-50 at 224×224 in milliseconds instead of a second or more), and on the real ones when
     that fails (data-dependent code, ops without meta kernels)."""
     inputs = _as_tuple(example_inputs)
-    if all(isinstance(x, torch.Tensor) for x in inputs):
-        try:
-            return _recorded_input_shapes(meta_copy(model), tuple(x.to("meta") for x in inputs))
-        except Exception:  # noqa: BLE001 - any failure on meta: the real forward below decides
-            pass
-    return _recorded_input_shapes(model, inputs)
+    shapes = _meta_input_shapes(model, inputs)
+    return shapes if shapes is not None else _recorded_input_shapes(model, inputs)
+
+
+def _meta_input_shapes(model: nn.Module, inputs: tuple) -> dict[str, tuple[int, ...]] | None:
+    """input_shapes on a meta-device copy, or None when the inputs are not all tensors or the
+    forward fails there (then the real forward decides, and raises what the user must see)."""
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        return None
+    try:
+        return _recorded_input_shapes(meta_copy(model), tuple(x.to("meta") for x in inputs))
+    except Exception:  # noqa: BLE001 - any failure on meta falls back to the real forward
+        return None
 
 
 def _recorded_input_shapes(model: nn.Module, inputs: tuple) -> dict[str, tuple[int, ...]]:
