@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .ops.packed_weight import ShiftFormat
+
 __all__ = ["main", "build_model", "parse_pass", "pass_classes"]
 
 
@@ -247,10 +249,13 @@ def inspect_model(path: str) -> dict:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if node.op_type == "ShiftConv2d":
                 weights = int(np.prod(attrs.get("weight_shape", [0])))
+                rows = int(attrs.get("weight_shape", [0])[0])
             else:
                 weights = int(attrs.get("in_features", 0)) * int(attrs.get("out_features", 0))
+                rows = int(attrs.get("out_features", 0))
             shift_nodes.append({"name": node.name, "op": node.op_type, "bits": attrs.get("bits"),
-                                "has_zero": attrs.get("has_zero"), "weights": weights})
+                                "has_zero": attrs.get("has_zero"), "weights": weights,
+                                "packed_bytes": _packed_bytes(attrs, rows, weights)})
     return {"path": path, "bytes": Path(path).stat().st_size, "ir_version": model.ir_version,
             "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
             "functions": [f"{f.domain}::{f.name}" for f in model.functions],
@@ -286,14 +291,24 @@ def cmd_inspect(args) -> int:
     if info["shift_nodes"]:
         groups: dict[tuple, list[int]] = {}
         for n in info["shift_nodes"]:
-            g = groups.setdefault((n["op"], n["bits"], n["has_zero"]), [0, 0])
+            g = groups.setdefault((n["op"], n["bits"], n["has_zero"]), [0, 0, 0])
             g[0] += 1
             g[1] += n["weights"]
+            g[2] += n["packed_bytes"] or 0
         print()
         print(format_table([{"shift op": op, "bits": b, "has_zero": z, "nodes": c, "weights": w,
-                             "float32 MB": f"{4 * w / 1e6:.2f}"} for (op, b, z), (c, w) in sorted(groups.items())],
-                           ["shift op", "bits", "has_zero", "nodes", "weights", "float32 MB"]))
+                             "float32 MB": f"{4 * w / 1e6:.2f}", "packed MB": f"{p / 1e6:.2f}"}
+                            for (op, b, z), (c, w, p) in sorted(groups.items())],
+                           ["shift op", "bits", "has_zero", "nodes", "weights", "float32 MB", "packed MB"]))
     return 0
+
+
+def _packed_bytes(attrs: dict, rows: int, weights: int) -> Optional[int]:
+    """Bytes of a shift node's packed words by its attributes; None when they do not name a valid format."""
+    try:
+        return ShiftFormat(attrs.get("bits"), attrs.get("has_zero", 0)).packed_bytes(rows, weights // max(rows, 1))
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------

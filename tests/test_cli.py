@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from fxshift import cli
@@ -56,6 +57,12 @@ def test_compress_inspect_bench(factory_module, capsys):
     assert "fxshift::ShiftConv2d" in text and "fxshift::ShiftLinear" in text and "int32" in text
     info = cli.inspect_model(str(out))
     assert info["ops"]["fxshift::ShiftLinear"] == 2 and all(n["bits"] == 5 for n in info["shift_nodes"])
+    # the packed size by the nodes' attributes is the size of their W initializers
+    graph = onnx.load(str(out)).graph
+    sizes = {i.name: 4 * int(np.prod(i.dims)) for i in graph.initializer}
+    words = {n.name: sizes[n.input[1]] for n in graph.node if n.domain == "fxshift"}
+    assert {n["name"]: n["packed_bytes"] for n in info["shift_nodes"]} == words
+    assert "packed MB" in text
 
     assert cli.main(["bench", str(out), "--rounds", "2", "--batch", "1", "2", "--threads", "1"]) == 0
     text = capsys.readouterr().out

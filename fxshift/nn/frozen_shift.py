@@ -38,21 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..costs import register_mac_rule
-from ..ops import shift_ops  # noqa: F401  (registers the torch.ops.fxshift ops)
+from ..ops import packing, shift_ops  # noqa: F401  (shift_ops registers the torch.ops.fxshift ops)
+from ..ops.packed_weight import PackedShiftWeight, ShiftFormat
 from .base import register_structure
 from .shift import ShiftConv2d, ShiftLinear, _ShiftLayer, check_activation_bits, explicit_padding, shift_codes
 
 __all__ = ["FrozenShiftConv2d", "FrozenShiftLinear", "freeze_layer", "packing_width", "packed_bytes"]
 
 
-def _row_words(k: int, bits: int) -> int:
-    per = 32 // bits
-    return (k + per - 1) // per
-
-
 def packed_bytes(rows: int, k: int, bits: int) -> int:
     """Bytes of a (rows, k) weight in the packed format: rows · row_words · 4."""
-    return rows * _row_words(k, bits) * 4
+    return ShiftFormat(bits, 0).packed_bytes(rows, k)
 
 
 def packing_width(mode: str, weight_bits: int, has_zeros: bool) -> tuple[int, int]:
@@ -60,18 +56,6 @@ def packing_width(mode: str, weight_bits: int, has_zeros: bool) -> tuple[int, in
     if mode == "ps":
         return weight_bits, 1
     return (weight_bits + 1, 1) if has_zeros else (weight_bits, 0)
-
-
-def _pack(sign: torch.Tensor, magnitude: torch.Tensor, bits: int, has_zero: int) -> torch.Tensor:
-    from ..ops import packing
-
-    return packing.pack(sign, magnitude, bits, has_zero)
-
-
-def _unpack(words: torch.Tensor, shape: Sequence[int], bits: int, has_zero: int) -> torch.Tensor:
-    from ..ops import packing
-
-    return packing.unpack(words, tuple(shape), bits, has_zero)
 
 
 def _round_fixed_plain(x: torch.Tensor, integer_bits: int, fraction_bits: int) -> torch.Tensor:
@@ -84,12 +68,11 @@ class _FrozenShift(nn.Module):
 
     def _setup(self, rows: int, k: int, bits: int, has_zero: int, bias: bool, activation_bits: Any, mode: str,
                weight_bits: int, device: Any = None, scale: bool = False) -> None:
-        if not 2 <= bits <= 9 or has_zero not in (0, 1):
-            raise ValueError(f"bits={bits}, has_zero={has_zero}: need 2 ≤ bits ≤ 9 and has_zero 0 or 1")
-        self.bits, self.has_zero = int(bits), int(has_zero)
+        fmt = ShiftFormat(bits, has_zero)
+        self.bits, self.has_zero = fmt.bits, fmt.has_zero
         self.activation_bits = check_activation_bits(activation_bits)
         self.mode, self.weight_bits = mode, weight_bits
-        self.register_buffer("words", torch.zeros(rows, _row_words(k, bits), dtype=torch.int32, device=device))
+        self.register_buffer("words", torch.zeros(rows, fmt.row_words(k), dtype=torch.int32, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(rows, dtype=torch.float32, device=device))
         else:
@@ -103,9 +86,14 @@ class _FrozenShift(nn.Module):
         return self
 
     @property
+    def packed(self) -> PackedShiftWeight:
+        """The packed weight as one validated value (format, shape, words; no copy)."""
+        return PackedShiftWeight.of(self.words, self.weight_shape, self.bits, self.has_zero, exact=True)
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of the packed weights."""
-        return self.words.numel() * 4
+        return self.packed.nbytes
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is not None:
@@ -122,7 +110,7 @@ class _FrozenShift(nn.Module):
             finally:
                 layer.train(was_training)
         sign, magnitude = shift_codes(weight.reshape(rows, -1))
-        self.words.copy_(_pack(sign.cpu(), magnitude.cpu(), self.bits, self.has_zero).to(self.words.device))
+        self.words.copy_(packing.pack(sign.cpu(), magnitude.cpu(), self.bits, self.has_zero).to(self.words.device))
         if bias is not None:
             self.bias.copy_(bias.detach().to(torch.float32))
         if layer.scale is not None:
@@ -130,7 +118,7 @@ class _FrozenShift(nn.Module):
 
     def unpacked_weight(self) -> torch.Tensor:
         """The decoded float32 weight (for checks; the forward pass never builds it)."""
-        return _unpack(self.words.cpu(), self.weight_shape, self.bits, self.has_zero)
+        return packing.unpack(self.words.cpu(), self.weight_shape, self.bits, self.has_zero)
 
     def spec(self) -> dict[str, Any]:
         return {"method": self.method, "bits": self.bits, "has_zero": self.has_zero, "mode": self.mode,

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import NativeError
 from .libraries import candidates, library_filename
+from .packed_weight import PackedShiftWeight, ShiftFormat
 
 __all__ = [
     "NativeArgumentError",
@@ -244,27 +245,19 @@ def _ptr(ffi, ctype: str, t: Optional[torch.Tensor]):
     return ffi.cast(ctype + " *", t.data_ptr())
 
 
-def _format(fn: str, bits, has_zero) -> tuple[int, int]:
-    b = _int(fn, "bits", bits)
-    z = _int(fn, "has_zero", has_zero, allow_bool=True)
-    if not 2 <= b <= 9:
-        _arg_error(fn, f"bits must be in [2, 9], got {b}")
-    if z not in (0, 1):
-        _arg_error(fn, f"has_zero must be 0 or 1, got {has_zero!r}")
-    return b, z
+def _format(fn: str, bits, has_zero) -> ShiftFormat:
+    try:
+        return ShiftFormat(bits, has_zero)
+    except ValueError as e:
+        _arg_error(fn, str(e))
 
 
-def _row_words(k: int, bits: int) -> int:
-    per = 32 // bits
-    return -(-k // per)
-
-
-def _check_words(fn: str, words: torch.Tensor, rows: int, k: int, bits: int, what: str) -> None:
-    expected = rows * _row_words(k, bits)
-    if words.numel() != expected:
-        _arg_error(fn, f"wrong word count: words has {words.numel()} elements (shape {tuple(words.shape)}), "
-                       f"{what} packs to {rows} rows x row_words({k}, bits={bits}) = "
-                       f"{rows} x {_row_words(k, bits)} = {expected} words")
+def _packed(fn: str, words: torch.Tensor, shape: Sequence[int], fmt: ShiftFormat) -> PackedShiftWeight:
+    """The words as a validated PackedShiftWeight of `shape`, or NativeArgumentError with the expected count."""
+    try:
+        return PackedShiftWeight(words, tuple(shape), fmt)
+    except ValueError as e:
+        _arg_error(fn, str(e))
 
 
 def _check_bias(fn: str, bias, n: int, dtype: torch.dtype, device: str = "cpu") -> Optional[torch.Tensor]:
@@ -283,7 +276,8 @@ def pack(sign: torch.Tensor, shift_magnitude: torch.Tensor, bits: int, has_zero:
     """C version of :func:`fxshift.ops.packing.pack`: int8 signs, uint8 magnitudes → int32 (O, row_words)."""
     fn = "pack"
     ffi, lib = load()
-    bits, has_zero = _format(fn, bits, has_zero)
+    fmt = _format(fn, bits, has_zero)
+    bits, has_zero = fmt.bits, fmt.has_zero
     sign = _tensor(fn, "sign", sign, (torch.int8,))
     mag = _tensor(fn, "shift_magnitude", shift_magnitude, (torch.uint8,))
     if sign.dim() < 2 or tuple(sign.shape) != tuple(mag.shape):
@@ -293,7 +287,7 @@ def pack(sign: torch.Tensor, shift_magnitude: torch.Tensor, bits: int, has_zero:
     k = 1
     for d in sign.shape[1:]:
         k *= d
-    out = torch.empty(rows, _row_words(k, bits), dtype=torch.int32)
+    out = torch.empty(rows, fmt.row_words(k), dtype=torch.int32)
     if out.numel() == 0:
         return out
     st = lib.fxs_pack(_ptr(ffi, "int8_t", sign), _ptr(ffi, "uint8_t", mag), sign.numel(), rows, k, bits,
@@ -304,20 +298,10 @@ def pack(sign: torch.Tensor, shift_magnitude: torch.Tensor, bits: int, has_zero:
 
 
 def _unpack_args(fn: str, words, shape, bits, has_zero):
-    bits, has_zero = _format(fn, bits, has_zero)
+    fmt = _format(fn, bits, has_zero)
     words = _tensor(fn, "words", words, (torch.int32, torch.uint32))
-    try:
-        shape = tuple(_int(fn, "shape", d) for d in shape)
-    except TypeError:
-        _arg_error(fn, f"shape must be a sequence of ints, got {shape!r}")
-    if len(shape) < 2 or any(d < 0 for d in shape):
-        _arg_error(fn, f"shape must be (out, ...) with >= 2 non-negative dims, got {shape}")
-    rows = shape[0]
-    k = 1
-    for d in shape[1:]:
-        k *= d
-    _check_words(fn, words, rows, k, bits, f"a {shape} weight")
-    return words, shape, rows, k, bits, has_zero
+    packed = _packed(fn, words, shape, fmt)
+    return words, packed.shape, packed.rows, packed.k, fmt.bits, fmt.has_zero
 
 
 def unpack(words: torch.Tensor, shape: Sequence[int], bits: int, has_zero: int) -> torch.Tensor:
@@ -357,7 +341,8 @@ def unpack_codes(words: torch.Tensor, shape: Sequence[int], bits: int,
 # ---------------------------------------------------------------------------------------------
 def _linear(fn: str, x, words, out_features, bits, has_zero, bias, x_dtype, frac_bits=None,
             device: str = "cpu"):
-    bits, has_zero = _format(fn, bits, has_zero)
+    fmt = _format(fn, bits, has_zero)
+    bits, has_zero = fmt.bits, fmt.has_zero
     out_features = _int(fn, "out_features", out_features)
     if out_features < 1:
         _arg_error(fn, f"out_features must be >= 1, got {out_features}")
@@ -367,7 +352,7 @@ def _linear(fn: str, x, words, out_features, bits, has_zero, bias, x_dtype, frac
         _arg_error(fn, f"x must have shape (..., in_features) with in_features >= 1, got {tuple(x.shape)}")
     k = x.shape[-1]
     batch = x.numel() // k
-    _check_words(fn, words, out_features, k, bits, f"a ({out_features}, {k}) linear weight")
+    _packed(fn, words, (out_features, k), fmt)
     bias = _check_bias(fn, bias, out_features, x_dtype, device)
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32, device=x.device)
     return x, words, bias, y, batch, k, out_features, bits, has_zero
@@ -377,7 +362,7 @@ def _linear_detail(st: int, x, words, out_features, k, bits, bias) -> str:
     if st == ERR_BAD_SIZE:
         return f"x shape {tuple(x.shape)}, out_features={out_features} (each dimension must be in [1, 2^31-1])"
     if st == ERR_WORD_COUNT:
-        return f"words has {words.numel()} elements, expected {out_features * _row_words(k, bits)}"
+        return f"words has {words.numel()} elements, expected {out_features * ShiftFormat(bits, 0).row_words(k)}"
     if st == ERR_BIAS_SIZE and bias is not None:
         return f"bias has {bias.numel()} elements, expected {out_features}"
     return f"x shape {tuple(x.shape)}, words {tuple(words.shape)}, out_features={out_features}, bits={bits}"
@@ -512,7 +497,8 @@ def _conv(fn, x, words, weight_shape, stride, padding, dilation, groups, bits, h
           device: str = "cpu"):
     """Validates a conv call (geometry by the CPU library's rules) and allocates y."""
     ffi, lib = load()
-    bits, has_zero = _format(fn, bits, has_zero)
+    fmt = _format(fn, bits, has_zero)
+    bits, has_zero = fmt.bits, fmt.has_zero
     x = _tensor(fn, "x", x, (x_dtype,), device)
     words = _tensor(fn, "words", words, (torch.int32, torch.uint32), device)
     s, ws = _conv_shape(ffi, fn, tuple(x.shape), weight_shape, stride, padding, dilation, groups)
@@ -524,8 +510,7 @@ def _conv(fn, x, words, weight_shape, stride, padding, dilation, groups, bits, h
     s.n = x.shape[0]
     if st != OK:
         _raise(fn, st, _geometry_detail(s))
-    k = ws[1] * ws[2] * ws[3]
-    _check_words(fn, words, ws[0], k, bits, f"a {ws} conv weight")
+    _packed(fn, words, ws, fmt)
     bias = _check_bias(fn, bias, ws[0], x_dtype, device)
     y = torch.empty(x.shape[0], ws[0], int(oh[0]), int(ow[0]), dtype=torch.float32, device=x.device)
     return s, x, words, bias, y, bits, has_zero

@@ -21,14 +21,16 @@ ONNX export, which mirrors :func:`unpack` with standard ops):
 * Decoding is total: ``m > 126`` (only reachable with 8 or 9 bits) decodes to a
   signed zero, as in the C kernels.
 
-Everything here is vectorised torch and runs on any device.
+Everything here is vectorised torch and runs on any device; the format checks and the word
+arithmetic are :class:`fxshift.ops.packed_weight.ShiftFormat` / ``PackedShiftWeight``.
 """
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
+
+from .packed_weight import MAX_BITS, MIN_BITS, PackedShiftWeight, ShiftFormat
 
 __all__ = [
     "MIN_BITS",
@@ -43,50 +45,22 @@ __all__ = [
     "MAX_NORMAL_SHIFT",
 ]
 
-MIN_BITS = 2
-MAX_BITS = 9
 MAX_NORMAL_SHIFT = 126  # 2**-126 is the smallest normal float32: larger m decode to zero
-
-
-def _index(value, name: str, allow_bool: bool = False) -> int:
-    if isinstance(value, bool) and not allow_bool:
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {value!r}") from None
-
-
-def _check_format(bits, has_zero) -> tuple[int, int]:
-    b = _index(bits, "bits")
-    if not MIN_BITS <= b <= MAX_BITS:
-        raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    z = _index(has_zero, "has_zero", allow_bool=True)
-    if z not in (0, 1):
-        raise ValueError(f"has_zero must be 0 or 1, got {has_zero!r}")
-    return b, z
 
 
 def codes_per_word(bits: int) -> int:
     """Codes per uint32 word: ``32 // bits``."""
-    bits, _ = _check_format(bits, 0)
-    return 32 // bits
+    return ShiftFormat(bits, 0).codes_per_word
 
 
 def row_words(k: int, bits: int) -> int:
     """Words per packed row of ``k`` codes: ``ceil(k / codes_per_word(bits))``."""
-    k = _index(k, "k")
-    if k < 0:
-        raise ValueError(f"k must be a non-negative int, got {k!r}")
-    per = codes_per_word(bits)
-    return -(-k // per)
+    return ShiftFormat(bits, 0).row_words(k)
 
 
 def max_magnitude(bits: int, has_zero: int, negative: bool) -> int:
     """Largest shift magnitude ``m`` representable for a weight of that sign."""
-    bits, has_zero = _check_format(bits, has_zero)
-    mmax = (1 << (bits - 1)) - 1
-    return mmax - 1 if (negative and has_zero) else mmax
+    return ShiftFormat(bits, has_zero).max_magnitude(negative)
 
 
 def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -116,7 +90,8 @@ def pack(sign: torch.Tensor, shift_magnitude: torch.Tensor, bits: int, has_zero:
         On a shape/dtype mismatch, a sign outside {-1, 0, 1}, a zero without
         ``has_zero``, or a magnitude that does not fit ``bits``.
     """
-    bits, has_zero = _check_format(bits, has_zero)
+    fmt = ShiftFormat(bits, has_zero)
+    bits, has_zero = fmt.bits, fmt.has_zero
     s = _as_rows(sign, "sign")
     m = _as_rows(shift_magnitude, "shift_magnitude")
     if tuple(sign.shape) != tuple(shift_magnitude.shape):
@@ -136,21 +111,20 @@ def pack(sign: torch.Tensor, shift_magnitude: torch.Tensor, bits: int, has_zero:
                          "pack with has_zero=1 (one more bit in DeepShift-Q terms)")
     if (nonzero & (m < 0)).any():
         raise ValueError("shift_magnitude must be >= 0")
-    mmax = (1 << (bits - 1)) - 1
-    limit = torch.where(s < 0, max_magnitude(bits, has_zero, True), mmax)
+    mmax = fmt.max_magnitude(False)
+    limit = torch.where(s < 0, fmt.max_magnitude(True), mmax)
     over = nonzero & (m > limit)
     if over.any():
         idx = over.nonzero()[0]
         raise ValueError(
             f"shift_magnitude {m[idx[0], idx[1]].item()} (sign {s[idx[0], idx[1]].item()}) at flat position "
             f"({idx[0].item()}, {idx[1].item()}) does not fit bits={bits}, has_zero={has_zero}: positive weights "
-            f"allow m <= {mmax}, negative ones m <= {max_magnitude(bits, has_zero, True)}")
+            f"allow m <= {mmax}, negative ones m <= {fmt.max_magnitude(True)}")
 
-    zero_code = (1 << bits) - 1
     codes = torch.where(nonzero, ((s < 0).to(torch.int64) << (bits - 1)) | m.clamp(min=0),
-                        torch.full_like(m, zero_code))
-    per = 32 // bits
-    rw = -(-k // per)
+                        torch.full_like(m, fmt.zero_code))
+    per = fmt.codes_per_word
+    rw = fmt.row_words(k)
     padded = torch.zeros(rows, rw * per, dtype=torch.int64, device=s.device)
     padded[:, :k] = codes
     shifts = torch.arange(per, dtype=torch.int64, device=s.device) * bits
@@ -159,34 +133,12 @@ def pack(sign: torch.Tensor, shift_magnitude: torch.Tensor, bits: int, has_zero:
     return words.to(torch.int32)
 
 
-def _check_words(words: torch.Tensor, shape: Sequence[int], bits: int) -> tuple[int, int, int]:
-    if not isinstance(words, torch.Tensor):
-        raise ValueError(f"words must be a torch.Tensor, got {type(words).__name__}")
-    if words.dtype not in (torch.int32, torch.uint32, torch.int64):
-        raise ValueError(f"words must be int32 (the packed word bits), got {words.dtype}")
-    try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from None
-    if len(shape) < 2 or any(d < 0 for d in shape):
-        raise ValueError(f"shape must be (out, ...) with >= 2 non-negative dims, got {shape}")
-    rows = shape[0]
-    k = 1
-    for d in shape[1:]:
-        k *= d
-    rw = row_words(k, bits)
-    if words.numel() != rows * rw:
-        raise ValueError(f"wrong word count: words has {words.numel()} elements (shape {tuple(words.shape)}), "
-                         f"a {shape} weight with bits={bits} packs to {rows} x {rw} = {rows * rw} words")
-    return rows, k, rw
-
-
-def _codes(words: torch.Tensor, rows: int, k: int, rw: int, bits: int) -> torch.Tensor:
-    w = words.reshape(rows, rw).to(torch.int64) & 0xFFFFFFFF
-    per = 32 // bits
+def _codes(packed: PackedShiftWeight) -> torch.Tensor:
+    w = packed.words.reshape(packed.rows, packed.row_words).to(torch.int64) & 0xFFFFFFFF
+    bits, per = packed.bits, packed.format.codes_per_word
     shifts = torch.arange(per, dtype=torch.int64, device=w.device) * bits
     codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(rows, rw * per)[:, :k]
+    return codes.reshape(packed.rows, packed.row_words * per)[:, :packed.k]
 
 
 def unpack(words: torch.Tensor, shape: Sequence[int], bits: int, has_zero: int) -> torch.Tensor:
@@ -196,17 +148,17 @@ def unpack(words: torch.Tensor, shape: Sequence[int], bits: int, has_zero: int) 
     ``(O, row_words)`` tensor :func:`pack` returns.  Any bit pattern decodes to a
     finite value (see the module docstring); padding bits are ignored.
     """
-    bits, has_zero = _check_format(bits, has_zero)
-    rows, k, rw = _check_words(words, shape, bits)
-    codes = _codes(words, rows, k, rw, bits)
+    packed = PackedShiftWeight.of(words, shape, bits, has_zero)
+    bits, has_zero = packed.bits, packed.has_zero
+    codes = _codes(packed)
     m = codes & ((1 << (bits - 1)) - 1)
     negative = (codes >> (bits - 1)) == 1
     mag = torch.where(m > MAX_NORMAL_SHIFT, torch.zeros((), dtype=torch.float32, device=codes.device),
                       torch.exp2(-m.to(torch.float32)))
     w = torch.where(negative, -mag, mag)
     if has_zero:
-        w = torch.where(codes == (1 << bits) - 1, torch.zeros((), dtype=torch.float32, device=w.device), w)
-    return w.reshape(tuple(int(d) for d in shape))
+        w = torch.where(codes == packed.format.zero_code, torch.zeros((), dtype=torch.float32, device=w.device), w)
+    return w.reshape(packed.shape)
 
 
 def unpack_codes(words: torch.Tensor, shape: Sequence[int], bits: int,
@@ -215,17 +167,16 @@ def unpack_codes(words: torch.Tensor, shape: Sequence[int], bits: int,
 
     The inverse of :func:`pack` (zero weights give sign 0, magnitude 0).
     """
-    bits, has_zero = _check_format(bits, has_zero)
-    rows, k, rw = _check_words(words, shape, bits)
-    codes = _codes(words, rows, k, rw, bits)
+    packed = PackedShiftWeight.of(words, shape, bits, has_zero)
+    bits, has_zero = packed.bits, packed.has_zero
+    codes = _codes(packed)
     m = codes & ((1 << (bits - 1)) - 1)
     sign = 1 - 2 * (codes >> (bits - 1))
     if has_zero:
-        zero = codes == (1 << bits) - 1
+        zero = codes == packed.format.zero_code
         sign = torch.where(zero, 0, sign)
         m = torch.where(zero, 0, m)
-    shape = tuple(int(d) for d in shape)
-    return sign.to(torch.int8).reshape(shape), m.to(torch.uint8).reshape(shape)
+    return sign.to(torch.int8).reshape(packed.shape), m.to(torch.uint8).reshape(packed.shape)
 
 
 def to_fixed(x: torch.Tensor, frac_bits: int, int_bits: int | None = None) -> torch.Tensor:

@@ -24,29 +24,19 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import NativeError
+from .packed_weight import PackedShiftWeight
 
 __all__ = ["shift_linear", "shift_conv2d", "conv2d_output_size", "check_packed"]
 
 
-def _codes_per_word(bits: int) -> int:
-    return 32 // bits
-
-
-def _row_words(k: int, bits: int) -> int:
-    per = _codes_per_word(bits)
-    return (k + per - 1) // per
-
-
-def check_packed(words: torch.Tensor, rows: int, k: int, bits: int, has_zero: bool, what: str) -> None:
-    """Raise ValueError unless `words` is an int32 (rows, row_words(k, bits)) tensor for a valid format."""
-    if not 2 <= bits <= 9:
-        raise ValueError(f"{what}: bits={bits} is outside the packed format's 2..9")
-    if words.dtype != torch.int32:
+def check_packed(words: torch.Tensor, rows: int, k: int, bits: int, has_zero: bool, what: str) -> PackedShiftWeight:
+    """The words as a PackedShiftWeight in the (rows, row_words(k)) layout, or ValueError naming `what`."""
+    if words.dtype != torch.int32:  # torch ops take the words as int32 (uint32 lacks kernels)
         raise ValueError(f"{what}: packed weights must be int32, got {words.dtype}")
-    expected = (rows, _row_words(k, bits))
-    if tuple(words.shape) != expected:
-        raise ValueError(f"{what}: packed weights have shape {tuple(words.shape)}, but {rows} rows of {k} "
-                         f"{bits}-bit codes need {expected} (row_words = ceil({k} / {_codes_per_word(bits)}))")
+    try:
+        return PackedShiftWeight.of(words, (rows, k), bits, has_zero, exact=True)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def _check_bias(bias: Optional[torch.Tensor], n: int, x: torch.Tensor, what: str) -> None:
