@@ -11,6 +11,9 @@ given).
     medians, load = onnx_medians({"float": (path, None), "plugin": (path2, plugin_so)}, (1, 3, 224, 224))
 
 The load average (os.getloadavg) comes back with the medians; record it next to every ratio.
+`onnx_peak_memory` runs the same children to measure what a session costs in memory: the peak resident set
+(VmHWM) of the process after building the session and running it, less its resident set once numpy and
+onnxruntime are imported (the plugin library's own pages count on the plugin's side).
 """
 import json
 import os
@@ -19,13 +22,17 @@ import subprocess
 import sys
 from typing import Dict, Optional, Sequence, Tuple
 
-__all__ = ["onnx_medians"]
+__all__ = ["onnx_medians", "onnx_peak_memory"]
 
-_ONNX_CHILD = r"""
+_SESSION = r"""
 import json, sys, time
 import numpy as np
 import onnxruntime as ort
 a = json.loads(sys.argv[1])
+def status_kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+rss_imported = status_kb("VmRSS")
 so = ort.SessionOptions()
 if a["plugin"]:
     so.register_custom_ops_library(a["plugin"])
@@ -36,6 +43,9 @@ so.log_severity_level = 3
 sess = ort.InferenceSession(a["path"], so, providers=["CPUExecutionProvider"])
 name = sess.get_inputs()[0].name
 x = np.random.default_rng(0).standard_normal(a["shape"]).astype(np.float32)
+"""
+
+_ONNX_CHILD = _SESSION + r"""
 for _ in range(a["warmup"]):
     sess.run(None, {name: x})
 times = []
@@ -48,6 +58,13 @@ while len(times) < a["iters"] or time.perf_counter() < t_end:
         break
 times.sort()
 print(json.dumps({"median": times[len(times) // 2]}))
+"""
+
+
+_MEMORY_CHILD = _SESSION + r"""
+for _ in range(a["runs"]):
+    sess.run(None, {name: x})
+print(json.dumps({"imported_kb": rss_imported, "peak_kb": status_kb("VmHWM")}))
 """
 
 
@@ -77,3 +94,16 @@ def onnx_medians(candidates: Dict[str, Tuple[str, Optional[str]]], shape: Sequen
                         warmup=warmup, min_time=min_time, threads=threads)
             per_round[kind].append(_run_child(_ONNX_CHILD, args, threads, timeout)["median"])
     return {k: statistics.median(v) for k, v in per_round.items()}, os.getloadavg()
+
+
+def onnx_peak_memory(candidates: Dict[str, Tuple[str, Optional[str]]], shape: Sequence[int], *, runs: int = 3,
+                     threads: int = 2, timeout: float = 600.0) -> Dict[str, int]:
+    """candidates: kind -> (onnx path, plugin library or None). Returns kind -> bytes a session added to the
+    peak resident set of its own fresh process (session built, `runs` inferences on `shape`)."""
+    out = {}
+    for kind, (path, plugin) in candidates.items():
+        args = dict(path=str(path), plugin=str(plugin) if plugin else None, shape=list(shape), runs=runs,
+                    threads=threads)
+        r = _run_child(_MEMORY_CHILD, args, threads, timeout)
+        out[kind] = 1024 * (r["peak_kb"] - r["imported_kb"])
+    return out
