@@ -248,8 +248,8 @@ def inspect_model(path: str) -> dict:
         if node.domain == "fxshift":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if node.op_type == "ShiftConv2d":
-                weights = int(np.prod(attrs.get("weight_shape", [0])))
-                rows = int(attrs.get("weight_shape", [0])[0])
+                shape = list(attrs.get("weight_shape") or [0])  # a malformed node may lack it
+                weights, rows = int(np.prod(shape)), int(shape[0])
             else:
                 weights = int(attrs.get("in_features", 0)) * int(attrs.get("out_features", 0))
                 rows = int(attrs.get("out_features", 0))

@@ -126,3 +126,22 @@ def test_console_entry_point_runs(factory_module):
     bad = subprocess.run([sys.executable, "-m", "fxshift.cli", "inspect", "nope.onnx"], capture_output=True, text=True,
                          env=env)
     assert bad.returncode == 1 and bad.stderr.strip() == "fxshift inspect: error: nope.onnx: no such file"
+
+
+def test_inspect_survives_malformed_shift_nodes(tmp_path):
+    """A shift node without weight_shape or with an invalid bits attribute is listed, its packed size None."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("ShiftConv2d", ["x", "w", "b"], ["y"], domain="fxshift", name="conv_no_shape", bits=5),
+             helper.make_node("ShiftLinear", ["y", "w", "b"], ["z"], domain="fxshift", name="fc_bad_bits", bits=12,
+                              in_features=4, out_features=3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("fxshift", 1)]),
+              str(path))
+    info = cli.inspect_model(str(path))
+    by_name = {n["name"]: n for n in info["shift_nodes"]}
+    assert by_name["conv_no_shape"]["weights"] == 0 and by_name["conv_no_shape"]["packed_bytes"] == 0
+    assert by_name["fc_bad_bits"]["packed_bytes"] is None
+    assert cli.main(["inspect", str(path)]) == 0

@@ -1,8 +1,8 @@
 """The packed shift weight as one value: its format, its shape and its words, validated in one place.
 
 Every layer that handles packed weights (the torch reference codec in fxshift.ops.packing, the cffi
-wrappers in fxshift.ops.native, the torch ops in fxshift.ops.shift_ops, the frozen modules and the
-ONNX export) goes through :class:`ShiftFormat` for ``bits`` / ``has_zero`` and the word arithmetic,
+wrappers in fxshift.ops.native, the torch ops in fxshift.ops.shift_ops, the frozen modules and
+`fxshift inspect`) goes through :class:`ShiftFormat` for ``bits`` / ``has_zero`` and the word arithmetic,
 and through :class:`PackedShiftWeight` for the word-count and dtype checks, so there is one
 ``row_words`` and one set of error messages. The format itself is described in fxshift.ops.packing.
 """
