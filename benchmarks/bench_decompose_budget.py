@@ -7,7 +7,7 @@ onnxruntime CPU speedup (original and decomposed sessions timed round-robin in t
 both see the same machine noise), the relative output error on a random input, and the time the
 pass took. Then Budget(latency=0.5) against Budget(macs=0.5): which one buys more measured speed (the quick
 mode runs resnet18 at 112×112, spatial only without layer4, five candidate ranks per layer for
-latency, and Budget(latency=0.7)).
+latency, and Budget(latency=0.85)).
 Every ratio is against a baseline measured in the same run and lands in benchmark.extra_info;
 pytest-benchmark itself times the decomposed session.
 """
@@ -39,8 +39,10 @@ ROUNDS = 5 if QUICK else 20
 # onnxruntime intra-op threads for every timing (default: all CPUs). On a CPU shared with other
 # jobs, FXSHIFT_BENCH_THREADS=1 gives steadier ratios (two-thread ones swing by about ±7%).
 THREADS = int(os.environ.get("FXSHIFT_BENCH_THREADS", "0")) or None
-# At the quick mode's 112×112 input the per-layer overheads leave no 2× latency cut within reach.
-LATENCY_TARGET = 0.7 if QUICK else 0.5
+# At the quick mode's 112×112 input (layer4 left out) the per-layer overheads leave no 2× latency cut
+# within reach, and what is reachable depends on the CPU: the cheapest candidates measured 0.77 of the
+# original on an Intel Xeon (model 207) with a second job running, below 0.7 on an AMD Zen 4.
+LATENCY_TARGET = 0.85 if QUICK else 0.5
 
 
 @pytest.fixture(scope="module", autouse=True)
