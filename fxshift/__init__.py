@@ -14,6 +14,7 @@ from .passes import LayerPrunePass
 from .pipeline import apply
 from .report import Report
 from .trace import trace
+from .context import capture_info
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,7 @@ __all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parame
            "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
            "RecipeError", "errors", "context", "CPDecomposePass", "SpatialSVDPass", "Budget", "export_onnx",
            "ExportOnnxPass"]
-__all__ += ["DynamicPrunePass", "dynamic_macs", "LayerPrunePass"]
+__all__ += ["DynamicPrunePass", "dynamic_macs", "LayerPrunePass", "capture_info"]
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ _INPUTS = "fxshift_example_inputs"
 _BUDGETS = "fxshift_budget"
 _ONNX_PATH = "fxshift_onnx_path"
 _REMOVED = "fxshift_removed_blocks"
+_CAPTURE = "fxshift_capture"
 
 
 def _meta(gm: Any) -> Optional[dict]:
@@ -42,7 +43,7 @@ def set_report(gm: fx.GraphModule, report: Report) -> None:
 
 def copy_report(source: fx.GraphModule, target: fx.GraphModule) -> None:
     """Give `target` its own copy of `source`'s report rows (so later passes do not share it)."""
-    set_report(target, Report(list(report_of(source).rows)))
+    set_report(target, Report(list(report_of(source).rows), getattr(report_of(source), "capture", None)))
 
 
 def as_inputs(example_inputs: Any) -> Optional[tuple]:
@@ -80,6 +81,16 @@ def record_removed_blocks(gm: fx.GraphModule, entries: list[dict[str, Any]]) -> 
 def removed_blocks_of(gm: fx.GraphModule) -> list[dict[str, Any]]:
     """Every block removed from `gm` so far, in the order they were removed."""
     return list((_meta(gm) or {}).get(_REMOVED, []))
+
+
+def set_capture_info(gm: fx.GraphModule, info: dict[str, Any]) -> None:
+    gm.meta[_CAPTURE] = info
+
+
+def capture_info(gm: fx.GraphModule) -> dict[str, Any]:
+    """How `gm` was captured: {"method": "fx" | "export" | ..., "layers": {name: what canonicalize made
+    of the op}, "skipped": {name: why an op got no layer}, "modules": {name: op made a module}}."""
+    return dict((_meta(gm) or {}).get(_CAPTURE, {}))
 
 
 def set_onnx_path(gm: fx.GraphModule, path: Any) -> None:

@@ -47,22 +47,36 @@ class LayerFilter:
 
 def candidate_layers(gm: fx.GraphModule, types: tuple[type, ...], selected: Optional[LayerFilter] = None,
                      inside_fxshift: bool = False) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of layers of exactly `types` (subclasses from fxshift excluded), in order.
+    """(name, module) of the standard layers of `types` the graph calls (fxshift.capture.sites), in
+    graph order. Layers inside modules fxshift inserted are included only when `inside_fxshift`."""
+    for site in layer_sites(gm, types, selected, inside_fxshift):
+        if site.module is not None:
+            yield site.name, site.module
 
-    Layers inside modules fxshift inserted are skipped unless `inside_fxshift`.
-    """
-    owners: list[str] = []
-    for name, module in list(gm.named_modules()):
-        if not name:
+
+def layer_sites(gm: fx.GraphModule, types: tuple[type, ...], selected: Optional[LayerFilter] = None,
+                inside_fxshift: bool = False) -> list:
+    """Every weight site a pass taking layers of `types` must account for (fxshift.capture.sites
+    .WeightSite), those not selected by `selected` left out: convertible layers of `types` keep
+    their module; others (other layer types, ops without a layer) carry the reason in `reason`."""
+    from .capture.sites import weight_sites
+
+    out = []
+    for site in weight_sites(gm, inside_fxshift):
+        probe = site.module if site.module is not None else nn.Module()
+        if selected is not None and not selected(site.name, probe):
             continue
-        if any(name.startswith(o + ".") for o in owners):
-            if not inside_fxshift:
-                continue
-        if is_fxshift_module(module):
-            owners.append(name)
-            continue
-        if isinstance(module, types) and (selected is None or selected(name, module)):
-            yield name, module
+        if site.module is not None and not isinstance(site.module, types):
+            site.reason = f"{type(site.module).__name__} layers are not handled by this pass"
+            site.module = None
+        out.append(site)
+    return out
+
+
+def replace_layer(gm: fx.GraphModule, site, new: nn.Module) -> None:
+    """Put `new` under every name the graph calls the layer of `site` by (one module, all call sites)."""
+    for name in site.names or [site.name]:
+        replace_module(gm, name, new)
 
 
 def replace_module(gm: fx.GraphModule, name: str, new: nn.Module) -> None:

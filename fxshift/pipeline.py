@@ -8,7 +8,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .context import as_inputs, copy_report, has_report, set_example_inputs, set_report
+from .capture.inputs import positional_inputs
+from .context import capture_info, copy_report, has_report, set_example_inputs, set_report
 from .errors import FxshiftError
 from .report import Report
 from .trace import LeafSpec, trace
@@ -20,20 +21,24 @@ def pass_name(p: Pass) -> str:
     return getattr(p, "__name__", None) or type(p).__name__
 
 
-def apply(pipeline: Union[Pass, Sequence[Pass]], model: torch.nn.Module, example_inputs: Any = None, *,
-          leaf_modules: LeafSpec = None, concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+def apply(pipeline: Union[Pass, Sequence[Pass]], model: Any, example_inputs: Any = None, *,
+          leaf_modules: LeafSpec = None, concrete_args: Optional[dict[str, Any]] = None,
+          capture: str = "auto") -> fx.GraphModule:
     """Run a pipeline of passes on a copy of `model` and return the rewritten GraphModule.
 
     Args:
         pipeline: a pass or a list of passes. A pass is a torch.fx PassBase (returning PassResult)
             or any callable taking a GraphModule and returning a GraphModule (or None when it
             changes the module in place).
-        model: the nn.Module (or a GraphModule from an earlier apply(), whose report continues).
-            It is copied once and never changed.
-        example_inputs: a tensor or tuple of tensors. When given, tracing sees concrete shapes and
-            the report carries MACs.
-        leaf_modules: module types or qualified names that tracing keeps opaque.
+        model: the nn.Module, a torch.export ExportedProgram or a GraphModule (one from an earlier
+            apply() continues its report). It is copied once and never changed.
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs
+            ({"input_ids": ids}). When given, the report carries MACs, and torch.export can capture.
+        leaf_modules: module types or qualified names that torch.fx keeps opaque (their weights are
+            reported, not converted).
         concrete_args: forward arguments to pin while tracing (see torch.fx.symbolic_trace).
+        capture: "auto" (torch.fx, then torch.export with a symbolic batch), "fx" or "export";
+            `fxshift.capture_info(gm)["method"]` and the report say which one ran.
 
     Returns:
         A torch.fx.GraphModule; `fxshift.report(gm)` lists what each pass did.
@@ -43,13 +48,17 @@ def apply(pipeline: Union[Pass, Sequence[Pass]], model: torch.nn.Module, example
         >>> print(fxshift.report(gm))
     """
     passes = list(pipeline) if isinstance(pipeline, (list, tuple)) else [pipeline]
-    inputs = as_inputs(example_inputs)
     if isinstance(model, fx.GraphModule) and has_report(model):
+        inputs = positional_inputs(model, example_inputs)
         gm = copy.deepcopy(model)
         copy_report(model, gm)
     else:
-        gm = trace(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        set_report(gm, Report())
+        gm = trace(copy.deepcopy(model), example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                   capture=capture)
+        inputs = positional_inputs(model if isinstance(model, torch.nn.Module) else gm, example_inputs)
+        report = Report()
+        report.capture = capture_info(gm).get("method")
+        set_report(gm, report)
     if inputs is not None:
         set_example_inputs(gm, inputs)
     for p in passes:

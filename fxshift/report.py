@@ -57,8 +57,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 class Report:
     """The records of every pass applied to a GraphModule so far, in order."""
 
-    def __init__(self, rows: Optional[list[ReportRow]] = None):
+    def __init__(self, rows: Optional[list[ReportRow]] = None, capture: Optional[str] = None):
         self.rows: list[ReportRow] = list(rows or [])
+        self.capture = capture  # how the model was captured: "fx", "export", ...
 
     def add(self, row: ReportRow) -> None:
         self.rows.append(row)
@@ -81,10 +82,11 @@ class Report:
         return out
 
     def __str__(self) -> str:
+        foot = f"\n(captured with {self.capture})" if self.capture else ""
         if not self.rows:
-            return "(no passes recorded)"
+            return "(no passes recorded)" + foot
         columns = list(KEYS)
         extra = sorted({k for r in self.rows for k in r.extra})
-        return format_table(self.to_dicts(), columns + extra)
+        return format_table(self.to_dicts(), columns + extra) + foot
 
     __repr__ = __str__

@@ -1,14 +1,12 @@
-"""Tracing with fxshift's leaf modules, concrete shapes when example inputs are given, and
-errors that name the submodule and the construct that could not be traced."""
+"""torch.fx symbolic tracing with fxshift's leaf modules and errors that name the submodule and the
+construct that could not be traced; `trace` is the public entry (fxshift.capture chooses between
+this and torch.export)."""
 from __future__ import annotations
 
-import inspect
-import warnings
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.meta_tracer import MetaTracer
 
 from .errors import TraceError
 
@@ -61,12 +59,6 @@ class FxshiftTracer(_LeafAware, fx.Tracer):
         self._setup_leaves(leaf_modules)
 
 
-class FxshiftMetaTracer(_LeafAware, MetaTracer):
-    def __init__(self, leaf_modules: LeafSpec = None):
-        super().__init__()
-        self._setup_leaves(leaf_modules)
-
-
 def _construct(exc: BaseException) -> str:
     text = str(exc)
     if "control flow" in text:
@@ -78,16 +70,7 @@ def _construct(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _meta_args(model: torch.nn.Module, example_inputs: Sequence[Any]) -> dict[str, Any]:
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(example_inputs) > len(params):
-        raise TraceError(f"{type(model).__name__}.forward takes {len(params)} positional inputs, "
-                         f"but {len(example_inputs)} example inputs were given")
-    return {p.name: (x.to("meta") if isinstance(x, torch.Tensor) else x) for p, x in zip(params, example_inputs)}
-
-
-def _keep_unused_state(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+def keep_unused_state(model: torch.nn.Module, gm: fx.GraphModule) -> None:
     """Carry submodules, parameters and buffers the traced forward does not use (for example
     GoogLeNet's auxiliary heads in eval mode) so that the state_dict keeps every key."""
     have = set(gm.state_dict().keys())
@@ -110,39 +93,36 @@ def _keep_unused_state(model: torch.nn.Module, gm: fx.GraphModule) -> None:
         have.add(key)
 
 
-def trace(model: torch.nn.Module, example_inputs: Optional[Sequence[Any]] = None, *, leaf_modules: LeafSpec = None,
-          concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
-    """Trace `model` into a GraphModule whose submodules keep their qualified names.
-
-    Plain symbolic tracing is tried first; when it fails and `example_inputs` are given, tracing
-    is retried with concrete (meta) shapes, so forwards that read `x.shape` trace too. The model
-    itself is not copied: GraphModule shares its submodules (apply() passes a copy).
-    """
+def fx_trace(model: torch.nn.Module, *, leaf_modules: LeafSpec = None,
+             concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+    """Symbolically trace `model` into a GraphModule whose submodules keep their qualified names.
+    The model is not copied: GraphModule shares its submodules. Raises TraceError naming the
+    submodule and the construct when tracing fails."""
     tracer = FxshiftTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as plain_error:
-        if example_inputs is None:
-            raise _trace_error(model, tracer, plain_error, tried_shapes=False) from plain_error
-        tracer = FxshiftMetaTracer(leaf_modules)
-        try:
-            with warnings.catch_warnings():  # leaves with real weights get no meta values; harmless here
-                warnings.filterwarnings("ignore", message="Could not compute metadata")
-                graph = tracer.trace(model, meta_args=_meta_args(model, example_inputs), concrete_args=concrete_args)
-        except TraceError:
-            raise
-        except Exception as meta_error:
-            raise _trace_error(model, tracer, meta_error, tried_shapes=True) from meta_error
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
-    _keep_unused_state(model, gm)
-    return gm
+    except Exception as error:
+        raise _trace_error(model, tracer, error) from error
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _trace_error(model: torch.nn.Module, tracer: _LeafAware, exc: BaseException, tried_shapes: bool) -> TraceError:
+def trace(model: Any, example_inputs: Any = None, *, leaf_modules: LeafSpec = None,
+          concrete_args: Optional[dict[str, Any]] = None, capture: str = "auto") -> fx.GraphModule:
+    """Capture `model` into a canonical GraphModule (see fxshift.capture.capture): torch.fx
+    symbolic tracing, or torch.export with a symbolic batch when that fails (capture="auto"), or
+    the one named by capture="fx" / "export". Example inputs are a tensor, a tuple or a dict of
+    keyword inputs. The model is not copied (apply() passes a copy)."""
+    from .capture import capture as capture_model
+
+    return capture_model(model, example_inputs, capture=capture, leaf_modules=leaf_modules,
+                         concrete_args=concrete_args)
+
+
+def _trace_error(model: torch.nn.Module, tracer: _LeafAware, exc: BaseException) -> TraceError:
     where = f"submodule {tracer.failed_in!r}" if tracer.failed_in else f"{type(model).__name__}.forward"
-    hints = [f"leaf_modules=[{repr(tracer.failed_in) if tracer.failed_in else 'TheModuleType'}] to keep it opaque",
+    hints = ["capture='export' with example_inputs=(x,) (torch.export handles shape-dependent code)",
+             f"leaf_modules=[{repr(tracer.failed_in) if tracer.failed_in else 'TheModuleType'}] to keep it opaque "
+             "(its weights are then reported, not converted)",
              "concrete_args={...} to pin the value a branch depends on"]
-    if not tried_shapes:
-        hints.append("example_inputs=(x,) so that shape-dependent code sees concrete shapes")
-    return TraceError(f"cannot trace {where}: {_construct(exc)}. Try " + "; or ".join(hints) + ".")
+    return TraceError(f"torch.fx symbolic tracing cannot trace {where}: {_construct(exc)}. Try "
+                      + "; or ".join(hints) + ".")

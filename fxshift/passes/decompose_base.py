@@ -23,7 +23,7 @@ from ..decompose.svd import svd_factors
 from ..decompose.tucker import relative_error
 from ..nn.low_rank_linear import LowRankLinear
 from ..errors import ConfigError
-from ..graph import LayerFilter, Selector, candidate_layers, replace_module
+from ..graph import LayerFilter, Selector, layer_sites, replace_layer, replace_module
 from ..report import ReportRow
 
 _UNSET = object()
@@ -99,13 +99,18 @@ class DecompositionPass(PassBase, abc.ABC):
     def call(self, gm: fx.GraphModule) -> PassResult:
         pass_name = type(self).__name__
         inputs = example_inputs_of(gm)
-        layers = list(candidate_layers(gm, self.layer_types, self.filter))
+        sites = layer_sites(gm, self.layer_types, self.filter)
+        layers = [(s.name, s.module) for s in sites if s.module is not None]
+        by_name = {s.name: s for s in sites}
         plan = None
         if isinstance(self.rank, Budget):
             plan = plan_budget(gm, layers, self.rank, self, inputs, pass_name, self.progress)
         shapes = input_shapes(gm, inputs) if inputs is not None else {}
         rows = report_of(gm)
         modified = False
+        for site in sites:
+            if site.module is None:
+                rows.add(ReportRow(layer=site.name, pass_name=pass_name, action="skipped", reason=site.reason))
         for name, module in tqdm(layers, desc=pass_name, disable=not self.progress, leave=False):
             if plan is None:
                 row = self.visit(gm, name, module, shapes.get(name))
@@ -113,6 +118,11 @@ class DecompositionPass(PassBase, abc.ABC):
                 row = self.visit(gm, name, module, shapes.get(name), rank=plan.rank_of(name))
                 if plan.rank_of(name) is None:
                     row.reason = plan.reason_of(name)
+            site = by_name[name]
+            if site.calls > 1 or len(site.names) > 1:
+                row.extra["call_sites"] = site.calls
+                if row.action == "decomposed":  # one module, every call site
+                    replace_layer(gm, site, gm.get_submodule(name))
             modified |= row.action == "decomposed"
             rows.add(row)
         if plan is not None:

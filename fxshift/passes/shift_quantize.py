@@ -16,7 +16,7 @@ from ..nn.shift import (ActivationBits, check_activation_bits, check_mode, check
                         shift_layer_from, SHIFT_LAYERS)
 from ..report import ReportRow
 from .shift_calibrate import calibrate_graph, calibration_batches
-from ..graph import LayerFilter, Selector, candidate_layers, replace_module
+from ..graph import LayerFilter, Selector, layer_sites, replace_layer, replace_module
 
 
 class ShiftQuantizePass(PassBase):
@@ -94,7 +94,13 @@ class ShiftQuantizePass(PassBase):
                     rows.add(ReportRow(layer=name, pass_name=type(self).__name__, action="shifted",
                                        reason="DeepShift-Q layer to DeepShift-PS", extra={"mode": "ps"}))
                     modified = True
-        candidates = list(candidate_layers(gm, self.layer_types, self.filter, inside_fxshift=True))
+        sites = layer_sites(gm, self.layer_types, self.filter, inside_fxshift=True)
+        for site in sites:
+            if site.module is None:
+                rows.add(ReportRow(layer=site.name, pass_name=type(self).__name__, action="skipped",
+                                   reason=site.reason))
+        candidates = [(s.name, s.module) for s in sites if s.module is not None]
+        by_name = {s.name: s for s in sites}
         done: dict[str, ReportRow] = {}
         if self.calibration is not None:
             called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -121,6 +127,11 @@ class ShiftQuantizePass(PassBase):
             if self.calibration is not None and name not in done:
                 row.extra["calibrated"] = False
                 row.reason = "inside an fxshift module (not a graph node): plain rounding"
+            site = by_name[name]
+            if site.calls > 1 or len(site.names) > 1:
+                row.extra["call_sites"] = site.calls
+                if row.action == "shifted":  # one module, every call site
+                    replace_layer(gm, site, gm.get_submodule(name))
             modified = modified or row.action == "shifted"
             rows.add(row)
         return PassResult(gm, modified)
