@@ -164,7 +164,9 @@ def test_count_removes_lowest_l1_blocks_and_reports():
     pruned = _rows(gm, "pruned")
     assert [r["layer"] for r in pruned] == ["u2"]
     assert {r["layer"] for r in _rows(gm, "kept")} == {"u1", "u3"}
-    assert [r["layer"] for r in _rows(gm, "skipped")] == ["down"]
+    skipped = {r["layer"]: r["reason"] for r in _rows(gm, "skipped")}
+    assert skipped.pop("down").startswith("not removable")
+    assert set(skipped) == {"stem", "fc"} and all(r == "not inside a removable block" for r in skipped.values())
     row = pruned[0]
     assert row["params_after"] == 0 and row["params_before"] == fxshift.parameter_count(model.u2)
     assert row["macs_before"] == fxshift.macs(model.u2, torch.randn(1, 8, 16, 16)) and row["macs_after"] == 0

@@ -19,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..context import example_inputs_of, report_of
 from ..costs import input_shapes, parameter_count
 from ..errors import ConfigError
-from ..graph import LayerFilter, Selector
+from ..graph import LayerFilter, Selector, layer_sites
 from ..nn.gated import GATINGS
 from ..prune.masks import check_target
 from ..prune.gated_graph import fuse_unit, match_unit, output_size, rewire
@@ -70,6 +70,10 @@ class DynamicPrunePass(PassBase):
         shapes = input_shapes(gm, inputs) if inputs is not None else {}
         report = report_of(gm)
         plans, first = [], True
+        for site in layer_sites(gm, (nn.Conv2d,)):  # weights the loop below does not look at
+            if site.module is None or type(site.module) is not nn.Conv2d:
+                report.add(ReportRow(site.name, PASS_NAME, "skipped", site.reason or
+                                     f"{type(site.module).__name__} is not a plain Conv2d"))
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.Conv2d:
                 continue

@@ -5,13 +5,14 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..context import add_budget_summary, example_inputs_of, record_removed_blocks, report_of
 from ..costs import parameter_count
 from ..decompose.budget import Budget
 from ..errors import ConfigError
-from ..graph import LayerFilter, Selector
+from ..graph import LayerFilter, Selector, layer_sites
 from ..prune.blocks import Block, exclusive_modules, find_blocks, profile_nodes, remove_blocks
 from ..prune.criteria import DATA_DRIVEN, resolve_criterion, score_blocks
 from ..prune.selection import BlocksSetting, blocks_to_remove
@@ -124,6 +125,13 @@ class LayerPrunePass(PassBase):
         for r in rejected:
             rows.add(ReportRow(layer=r.name, pass_name=name, action="skipped", reason=f"not removable: {r.reason}",
                                extra={"score": None}))
+        in_blocks = {m for b in found for m in b.modules}
+        looked_at = [b.name for b in found] + [r.name for r in rejected]
+        for site in layer_sites(gm, (nn.Conv2d, nn.Linear)):  # every other weight: why it stays
+            if site.name not in in_blocks and not any(site.name == b or site.name.startswith(b + ".")
+                                                      for b in looked_at):
+                rows.add(ReportRow(layer=site.name, pass_name=name, action="skipped", extra={"score": None},
+                                   reason="not inside a removable block" + (f" ({site.reason})" if site.reason else "")))
         removed = [b for b in candidates if b.name in chosen]  # graph order
         remove_blocks(gm, removed)
         record_removed_blocks(gm, [{"pass": name, **b.to_dict()} for b in removed])
