@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from .errors import RecipeError
 from .nn.base import STRUCTURES
-from .context import record_removed_blocks, removed_blocks_of, set_report
+from .context import capture_info, record_removed_blocks, removed_blocks_of, set_report
 from .graph import replace_module
 from .prune.gated_graph import rebuild_units, unit_recipe
 from .prune.blocks import block_from_dict, remove_blocks
@@ -37,6 +37,9 @@ def recipe(gm: torch.nn.Module) -> dict[str, Any]:
         if name and type(module) in STRUCTURES.values():
             layers.append({"layer": name, **module.spec()})
     out = {"format": FORMAT, "version": VERSION, "layers": layers, "removed": removed_blocks_of(gm)}
+    method = capture_info(gm).get("method")
+    if method in ("fx", "export"):  # load() captures the same way
+        out["capture"] = method
     gated = unit_recipe(gm)
     if gated:  # gated units (DynamicPrunePass) fuse conv + BN + activation nodes: rebuilt on the graph
         out["gated"] = gated
@@ -107,16 +110,18 @@ def remove_recorded_blocks(gm: fx.GraphModule, removed: list[dict[str, Any]]) ->
 
 
 def load(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
-         leaf_modules: LeafSpec = None, concrete_args: Optional[dict[str, Any]] = None) -> fx.GraphModule:
+         leaf_modules: LeafSpec = None, concrete_args: Optional[dict[str, Any]] = None,
+         capture: Optional[str] = None) -> fx.GraphModule:
     """Rebuild what `save` wrote onto a fresh instance of the original model and load its weights.
 
     Nothing is recomputed (no decomposition runs) and the model given is not changed. Tracing
     options must be those used by apply(). Raises RecipeError when the recipe or the weights do
-    not fit the model.
+    not fit the model. The model is captured as apply() captured it (the recipe records fx or
+    export; `capture` overrides), so torch.export captures need the same example inputs.
     """
     parsed, state = _read(path)
-    inputs = example_inputs if example_inputs is None or isinstance(example_inputs, tuple) else (example_inputs,)
-    gm = trace(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(copy.deepcopy(model), example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+               capture=capture or parsed.get("capture", "auto"))
     remove_recorded_blocks(gm, parsed.get("removed", []))
     rebuild(gm, parsed["layers"])
     if parsed.get("gated"):

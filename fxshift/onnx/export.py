@@ -24,6 +24,7 @@ from ..nn.freeze import freeze
 from ..nn.shift import SHIFT_LAYERS
 from . import functions
 from . import gated as gated_lowering
+from .failure import export_failure
 
 __all__ = ["export_onnx", "export_plain", "to_model_proto", "inline_functions", "TARGETS", "ExportError"]
 
@@ -190,9 +191,8 @@ def _export(model: nn.Module, inputs: tuple, target: str, dynamic_batch: bool, o
             gated_lowering.optimize(program.model)
     except ExportError:
         raise
-    except Exception as exc:  # the exporter's errors are long; keep the first line and the log
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
+    except Exception as exc:  # the exporter's errors are long: the cause, without colour codes, and a remedy
+        raise ExportError(export_failure(exc, dynamic_batch)) from exc
     proto = program.model_proto
     proto.producer_name = "fxshift"
     functions.add_functions(proto)
