@@ -10,7 +10,7 @@ from fxshift import Budget, ConfigError, LayerPrunePass, SpatialSVDPass, TuckerD
 from fxshift.costs import meta_copy
 from fxshift.models import SmallResNet
 from fxshift.passes.decompose_base import budget_summary
-from fxshift.step_timer import TrainStepTimer, at_batch, clear_cache, is_channels_last
+from fxshift.measure.train_step import TrainStepTimer, at_batch, clear_cache, is_channels_last
 
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 

@@ -1,14 +1,14 @@
 """The Budget planner: which rank each layer gets so that the whole model meets a Budget.
 
 A decomposition pass given ``rank=fxshift.Budget(...)`` hands its layers to :func:`plan_budget`,
-which works in three steps (the method is described in fxshift.decompose.budget):
+which works in three steps (the allocation method is described in fxshift.plan.allocation):
 
 1. Candidates: for every layer, the pass proposes ranks with estimated errors
    (``proposer.budget_candidates``) and the structure each would insert (``proposer.structure``);
-   the planner costs them by MACs, parameters, onnxruntime latency (fxshift.onnx.latency) or
-   torch training-step time (fxshift.step_timer).
+   the planner costs them by MACs, parameters, onnxruntime latency (fxshift.measure.latency) or
+   torch training-step time (fxshift.measure.train_step).
 2. Allocation: one candidate (or "keep") per layer, least Σ error², whole model within the
-   target (:func:`fxshift.decompose.budget.allocate`). For the timed kinds the allocation is
+   target (:func:`fxshift.plan.allocation.allocate`). For the timed kinds the allocation is
    calibrated against whole-model timings (:func:`_calibrated`).
 3. The pass decomposes each layer at its planned rank; :meth:`Plan.summary` says what the run
    aimed at and reached.
@@ -31,8 +31,9 @@ from ..context import planning_sync
 from ..costs import input_shapes, macs, meta_copy, parameter_count, proxy_input_shape, shape_macs
 from ..errors import ConfigError
 from ..graph import replace_module
-from ..step_timer import is_channels_last
-from .budget import Allocation, Budget, Candidate, LayerCandidates, allocate
+from ..measure.train_step import is_channels_last
+from .allocation import Allocation, Candidate, LayerCandidates, allocate
+from .budget import Budget
 
 __all__ = ["Proposer", "Plan", "plan_budget"]
 
