@@ -58,8 +58,9 @@ def settings(*, plugin: bool = True, threads: Optional[int] = None, optimization
             "optimization": optimization, "spinning": bool(spinning)}
 
 
-def configure(so: Any, ort: Any, s: dict) -> Any:
-    """Apply settings `s` to ``onnxruntime.SessionOptions`` `so` (uses nothing but onnxruntime)."""
+def configure(so, ort, s):
+    """Apply settings `s` to ``onnxruntime.SessionOptions`` `so` and return it. Uses nothing but its
+    arguments (no annotations either): its source also runs in timing children."""
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     if s["plugin"]:
