@@ -334,8 +334,8 @@ def cmd_bench(args) -> int:
     import onnx
 
     from fxshift.onnx.lowering import choose_lowering, lowered
-    from fxshift.onnx.process_timing import onnx_medians
-    from fxshift.onnx.runtime import default_threads
+    from fxshift.measure.process import onnx_medians
+    from fxshift.measure.timing import default_threads
     from fxshift.report import format_table
 
     info = inspect_model(args.file)

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..context import set_capture_info
 from ..errors import ConfigError, TraceError
-from ..trace import LeafSpec, fx_trace, keep_unused_state
+from .symbolic import LeafSpec, fx_trace, keep_unused_state
 from .canonical import canonicalize
 from .export import export_program, graph_module_of
 from .inputs import positional_inputs

@@ -9,7 +9,7 @@ from typing import Optional
 import torch.fx as fx
 from torch import nn
 
-from ..trace import is_fxshift_module
+from .symbolic import is_fxshift_module
 from .canonical import SITE_KEY, SKIP_KEY, bind, site_name, source_of, unsupported_op, weight_op
 
 _NOT_WEIGHTS = (nn.Embedding, nn.EmbeddingBag)
