@@ -227,10 +227,10 @@ def check_pass(model: nn.Module, inputs: tuple, key: str, sites: dict[str, str])
     out = PassResult()
     try:
         gm = fxshift.apply([p], model, inputs)
-    except fxshift.ConfigError as exc:  # e.g. LayerPrunePass on a model without removable blocks
-        out.note = f"ConfigError: {str(exc)[:120]}"
-        out.silent = [] if "no removable block" in str(exc) else sorted(sites)
-        out.error = None if "no removable block" in str(exc) else out.note
+    except fxshift.ConfigError as exc:  # LayerPrunePass refusing a model (no removable block, nothing to score)
+        if key not in ("layer_prune", "dynamic_prune"):
+            raise
+        out.note = "refused: " + str(exc).split(";")[0][:160]
         return out, None
     rows = [r for r in fxshift.report(gm).rows if r.pass_name == type(p).__name__]
     by_layer: dict[str, list] = {}
@@ -381,8 +381,8 @@ def markdown(results: list[ModelResult], command: str) -> str:
             p = r.passes.get(k)
             if p is None:
                 cells.append("-")
-            elif p.note and not p.converted and not p.skipped:
-                cells.append("no block (ConfigError)" if p.error is None else "error")
+            elif p.note.startswith("refused"):
+                cells.append("refused (ConfigError)")
             else:
                 silent = len(p.silent) + len(p.false_claims)
                 cells.append(f"{p.converted} / {p.skipped} / {'**' + str(silent) + '**' if silent else 0}")
@@ -397,4 +397,8 @@ def markdown(results: list[ModelResult], command: str) -> str:
     notes = [f"- {r.name}: {r.onnx_note}" for r in results if r.onnx_note]
     if notes:
         lines += ["ONNX notes:", ""] + notes + [""]
+    refused = sorted({f"- {k}: {p.note}" for r in results for k, p in r.passes.items() if p.note})
+    if refused:
+        lines += ["Passes that refused a model with a ConfigError naming why and what to do (their weights got "
+                  "no rows):", ""] + refused + [""]
     return "\n".join(lines)
