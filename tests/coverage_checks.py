@@ -393,7 +393,9 @@ def markdown(results: list[ModelResult], command: str) -> str:
                      + ("yes" if r.ok() else "no") + f" | {r.seconds:.0f} |")
     ok = sum(r.ok() for r in results)
     silent = sum(len(p.silent) + len(p.false_claims) for r in results for p in r.passes.values())
-    lines += ["", f"**{ok} of {len(results)} models pass every check; {silent} silent weight ops in total.**", ""]
+    refusals = sum(1 for r in results for p in r.passes.values() if p.note.startswith("refused"))
+    lines += ["", f"**{ok} of {len(results)} models pass every check; {silent} silent weight ops in total; "
+              f"{refusals} (model, pass) pairs refused with a ConfigError.**", ""]
     notes = [f"- {r.name}: {r.onnx_note}" for r in results if r.onnx_note]
     if notes:
         lines += ["ONNX notes:", ""] + notes + [""]
