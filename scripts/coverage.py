@@ -3,6 +3,7 @@ tests/test_coverage.py runs.
 
     python scripts/coverage.py                 # the timm + transformers list
     python scripts/coverage.py --torchvision   # and every torchvision classification model
+    python scripts/coverage.py --torchvision resnet18 mobilenet_v3_small   # and these
     python scripts/coverage.py --only BertModel resnet50
 """
 from __future__ import annotations
@@ -19,11 +20,15 @@ import coverage_checks as cc  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--torchvision", action="store_true", help="also every torchvision classification model")
+    parser.add_argument("--torchvision", nargs="*", default=None, metavar="NAME",
+                        help="also torchvision classification models: these names (resnet18 ...), or every one")
     parser.add_argument("--only", nargs="*", help="model names to run")
     parser.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
     args = parser.parse_args()
-    specs = list(cc.SPECS) + (cc.torchvision_specs() if args.torchvision else [])
+    specs = list(cc.SPECS)
+    if args.torchvision is not None:
+        specs += [s for s in cc.torchvision_specs()
+                  if not args.torchvision or s.name.split(".", 1)[1] in args.torchvision]
     if args.only:
         specs = [s for s in specs if s.name in args.only]
     results = []
@@ -32,7 +37,7 @@ def main() -> int:
         print(f"{spec.name}: {'ok' if result.ok() else 'FAILED'} in {result.seconds:.0f} s"
               + (f" ({result.error})" if result.error else ""), flush=True)
         results.append(result)
-        command = "python scripts/coverage.py" + (" --torchvision" if args.torchvision else "")
+        command = " ".join(["python scripts/coverage.py"] + sys.argv[1:])
         Path(args.out).write_text(cc.markdown(results, command))
     return 0 if all(r.ok() for r in results) else 1
 

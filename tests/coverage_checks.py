@@ -138,8 +138,9 @@ def torchvision_specs() -> list[Spec]:
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
-    size = {"inception_v3": 96}
-    return [Spec(f"torchvision.{n}", torchvision_model(n), _image(size.get(n, 64))) for n in names]
+    def size(name: str) -> int:  # the smallest input each family takes
+        return 224 if name.startswith(("vit_", "maxvit")) else 96 if name == "inception_v3" else 64
+    return [Spec(f"torchvision.{n}", torchvision_model(n), _image(size(n))) for n in names]
 
 
 # ----------------------------------------------------------------------------- census
