@@ -16,9 +16,14 @@ from .inputs import batched
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+def strip_ansi(text: str) -> str:
+    """`text` without terminal colour codes (torch's exporters colour their messages)."""
+    return _ANSI.sub("", text)
+
+
 def clean_message(exc: BaseException, lines: int = 6) -> str:
     """An exception's text without ANSI escape codes, its first `lines` non-empty lines joined."""
-    text = _ANSI.sub("", str(exc)).strip()
+    text = strip_ansi(str(exc)).strip()
     kept = [line.strip() for line in text.splitlines() if line.strip()][:lines]
     return f"{type(exc).__name__}: " + " | ".join(kept) if kept else type(exc).__name__
 

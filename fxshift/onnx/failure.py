@@ -2,14 +2,13 @@
 exception, without terminal colour codes) and the option that helps."""
 from __future__ import annotations
 
-import re
+from ..capture.export import strip_ansi
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _SHAPES = ("symbolic", "dynamic", "guard", "constraint", "specializ", "sym_", "Dim(", "batch", "shape")
 
 
 def _lines(exc: BaseException, limit: int) -> list[str]:
-    text = _ANSI.sub("", str(exc))
+    text = strip_ansi(str(exc))
     return [line.strip() for line in text.splitlines() if line.strip()][:limit]
 
 
