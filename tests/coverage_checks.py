@@ -240,8 +240,8 @@ def check_pass(model: nn.Module, inputs: tuple, key: str, sites: dict[str, str])
     prefix = key == "layer_prune"
     for site in sites:
         hits = by_layer.get(site, [])
-        if not hits and prefix:
-            hits = [r for r in rows if site.startswith(r.layer + ".")]
+        if not hits and prefix:  # a block's row covers the layers inside it
+            hits = [r for r in rows if site.startswith(r.layer + ".") or site in r.extra.get("layers", ())]
         if not hits:
             out.silent.append(site)
         elif any(r.action in CONVERTED and r.action != "kept" for r in hits):
