@@ -371,7 +371,7 @@ def markdown(results: list[ModelResult], command: str) -> str:
              f"vs the model (≤ {CAPTURE_TOL:g}).", "",
              "| model | capture | weight ops | " + " | ".join(keys) + " | capture err | Tucker full layer / output err | ONNX b1 / b2 "
              "| save/load | ok | s |",
-             "|" + "---|" * (len(keys) + 10)]
+             "|" + "---|" * (len(keys) + 9)]
     for r in results:
         if r.error:
             lines.append(f"| {r.name} | {r.capture} | {r.census} | " + " | ".join("-" for _ in keys)
@@ -400,7 +400,7 @@ def markdown(results: list[ModelResult], command: str) -> str:
     notes = [f"- {r.name}: {r.onnx_note}" for r in results if r.onnx_note]
     if notes:
         lines += ["ONNX notes:", ""] + notes + [""]
-    refused = sorted({f"- {k}: {p.note}" for r in results for k, p in r.passes.items() if p.note})
+    refused = [f"- {r.name}, {k}: {p.note}" for r in results for k, p in r.passes.items() if p.note]
     if refused:
         lines += ["Passes that refused a model with a ConfigError naming why and what to do (their weights got "
                   "no rows):", ""] + refused + [""]
