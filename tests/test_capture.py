@@ -224,3 +224,26 @@ def test_export_failure_message_has_the_cause_without_escape_codes_and_the_optio
 def test_weight_sites_of_a_plain_model_are_its_layers():
     gm = fxshift.trace(issue_model(), (torch.randn(1, 3, 16, 16),), capture="fx")
     assert [(s.name, s.reason) for s in weight_sites(gm)] == [("0", None), ("2", None), ("4", None)]
+
+
+class KeywordAddmm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Module()
+        self.proj.weight = nn.Parameter(torch.randn(6, 4))  # Conv1D layout: (in, out)
+        self.proj.bias = nn.Parameter(torch.randn(4))
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        y = torch.addmm(input=self.proj.bias, mat1=x, mat2=self.proj.weight)
+        return y @ self.w
+
+
+def test_addmm_by_keyword_becomes_a_linear_and_a_bare_parameter_is_reported():
+    model, x = KeywordAddmm().eval(), torch.randn(3, 6)
+    gm = fxshift.apply([fxshift.TuckerDecomposePass(rank=1.0, only_if_cheaper=False)], model, x, capture="fx")
+    rows = rows_of(gm, "TuckerDecomposePass")
+    assert rows["proj"].action == "decomposed"
+    assert rows["w"].action == "skipped" and "not a layer's 'weight'" in rows["w"].reason
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ WEIGHT_OPS: dict[Any, tuple[str, tuple[str, ...]]] = {
     torch.mm: _MM, aten.mm.default: _MM, torch.matmul: _MM, operator.matmul: _MM, aten.matmul.default: _MM,
 }
 _KW_ALIASES = {"self": "input", "mat1": "input", "mat2": "weight", "other": "weight"}
+_ADDMM_ALIASES = {"self": "bias", "input": "bias", "mat1": "input", "mat2": "weight"}  # addmm(bias, x, W)
 _METHOD_OPS = {"matmul": _MM, "mm": _MM, "__matmul__": _MM}
 
 # Weight ops fxshift has no layer for: reported, never converted.
@@ -76,8 +77,9 @@ def unsupported_op(node: fx.Node) -> Optional[str]:
 def bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
     """The op's arguments by name (positional, then keyword, with the aliases torch uses)."""
     out = dict(zip(names, node.args))
+    aliases = _ADDMM_ALIASES if names is _ADDMM[1] else _KW_ALIASES
     for key, value in node.kwargs.items():
-        out[_KW_ALIASES.get(key, key)] = value
+        out[aliases.get(key, key)] = value
     return out
 
 
