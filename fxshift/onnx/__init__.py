@@ -6,12 +6,16 @@
 - :mod:`.runtime` is the one place that builds onnxruntime sessions (:func:`session`,
   :func:`session_options`; libfxshift_ort, the custom-op library over fxshift's native kernels,
   registered) and times them; :mod:`.latency` measures layers and models for Budget(latency).
+- :mod:`.int8` writes QDQ int8 models for onnxruntime's own kernels (``export_onnx(..., quantize="int8")``);
+  :mod:`.qdq_reference` runs such a model in torch with fake-quantised tensors.
 """
 from .export import ExportError, export_onnx, export_plain, to_model_proto
 from .export_pass import ExportOnnxPass
 from .functions import DOMAIN, register_schemas
+from .int8 import Int8Export, export_int8
+from .qdq_reference import QDQReference, int8_reference
 from .runtime import PluginNotFound, compare_in_onnxruntime, library_path, plugin_available, session, session_options
 
 __all__ = ["export_onnx", "export_plain", "to_model_proto", "ExportOnnxPass", "ExportError", "DOMAIN",
            "register_schemas", "library_path", "plugin_available", "session_options", "session",
-           "compare_in_onnxruntime", "PluginNotFound"]
+           "compare_in_onnxruntime", "PluginNotFound", "export_int8", "Int8Export", "QDQReference", "int8_reference"]

@@ -6,6 +6,7 @@ custom translation table turns each call into an ``fxshift.ShiftConv2d`` / ``fxs
 node with the packed words as an int32 initializer and typed attributes, and the file carries each
 op's model-local function body (fxshift.onnx.functions), so stock onnxruntime runs it too.
 ``target="portable"`` inlines those bodies: standard ops only, the packed words still packed.
+``quantize="int8"`` writes a QDQ model for onnxruntime's own int8 kernels instead (fxshift.onnx.int8).
 """
 from __future__ import annotations
 
@@ -222,7 +223,7 @@ def inline_functions(proto):
 
 def export_onnx(gm: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], *, target: str = "fxshift",
                 dynamic_batch: bool = True, opset: Optional[int] = None, freeze: bool = True,
-                metadata: Optional[dict] = None) -> Path:
+                metadata: Optional[dict] = None, quantize: Optional[str] = None, calibration: Any = None) -> Path:
     """Export a model (typically the GraphModule of :func:`fxshift.apply`) to an ONNX file.
 
     Parameters
@@ -246,6 +247,14 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: Union[str, os.PathLike
         Opset of the default domain (>= 18); torch's default when None.
     metadata : dict, optional
         Strings stored in the file's ``metadata_props`` (``fxshift compress`` records the model there).
+    quantize : {None, "int8"}
+        ``"int8"``: a QDQ model that stock onnxruntime runs on its int8 kernels, no plugin
+        (:func:`fxshift.onnx.int8.export_int8`; `target`, `opset` and `freeze` do not apply): shift layers
+        become int8 weights equal to their codes (exact when their channels span ≤ 7 octaves, as
+        ``ShiftQuantizePass(weight_bits=4)`` keeps them), other Conv / Gemm / MatMul per-channel int8,
+        activations uint8 calibrated on `calibration`. Layers left float are named in a warning.
+    calibration : iterable of input batches, or a tensor of samples
+        Required with ``quantize="int8"`` (128-512 unlabelled samples are usually enough).
 
     Returns
     -------
@@ -264,6 +273,18 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: Union[str, os.PathLike
     >>> fxshift.onnx.session("model.onnx").run(None, {"input": x.numpy()})
     """
     path = Path(path)
+    if quantize is not None:
+        if quantize != "int8":
+            raise ExportError(f"quantize={quantize!r}: use 'int8' (or None for a float / fxshift-op export)")
+        from .int8 import export_int8
+
+        result = export_int8(gm, example_inputs, path, calibration, dynamic_batch=dynamic_batch, metadata=metadata)
+        if result.float_layers:
+            warnings.warn(f"int8 export: {len(result.float_layers)} layer(s) stay float: "
+                          f"{', '.join(result.float_layers)}", stacklevel=2)
+        return result.path
+    if calibration is not None:
+        raise ExportError("calibration is used with quantize='int8' only")
     proto = to_model_proto(gm, example_inputs, target=target, dynamic_batch=dynamic_batch, opset=opset, freeze=freeze,
                            metadata=metadata)
     _save(proto, path)
