@@ -194,7 +194,7 @@ def _reader(batches: list[tuple], names: Sequence[str]):
 # ------------------------------------------------------------------------------------------------
 # onnxruntime quantization
 # ------------------------------------------------------------------------------------------------
-def _weight_axis(node, graph_inits: dict) -> Optional[int]:
+def _weight_axis(node) -> int:
     """The output-channel axis of a Conv / Gemm / MatMul weight (input 1)."""
     if node.op_type == "Conv":
         return 0
@@ -214,7 +214,7 @@ def _find_weight(proto, name: str, expected: np.ndarray) -> Optional[tuple[Any, 
                  and n.input[1] in inits]
     consumers.sort(key=lambda c: c[1] != f"{name}.weight")
     for node, wname in consumers:
-        axis = _weight_axis(node, inits)
+        axis = _weight_axis(node)
         arr = numpy_helper.to_array(inits[wname])
         cand = arr if axis == 0 else arr.T
         if cand.shape == expected.shape and np.array_equal(cand, expected):
@@ -292,7 +292,7 @@ def export_int8(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                                   "int8_exact=True) keeps it exact)"
                 continue
             q, step = int8_codes(info["codes"], info["factor"])
-            found = _find_weight(pre, name, want.reshape(want.shape[0], *want.shape[1:]))
+            found = _find_weight(pre, name, want)
             if found is None:
                 entry["status"] = "int8 (not exact: its weight was changed by the ONNX export)"
                 continue
@@ -335,9 +335,8 @@ def export_int8(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             entry["status"] = "int8"
         entry["node"] = node.name
         layers.append(entry)
-    for e in entries.values():  # shift layers whose node was not matched
-        if e not in layers:
-            layers.append(e)
+    listed = {id(e) for e in layers}
+    layers += [e for e in entries.values() if id(e) not in listed]  # shift layers whose node was not matched
     meta = {METADATA_KEY: json.dumps([{k: e[k] for k in ("node", "layer", "status")} for e in layers])}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     for key, value in meta.items():
