@@ -152,3 +152,12 @@ def test_errors():
         fxshift.export_onnx(m, x, "/tmp/never.onnx", quantize="int4", calibration=_cal(1))
     with pytest.raises(fxshift.ConfigError, match="calibration batch 0"):
         fxshift.export_onnx(m, x, "/tmp/never.onnx", quantize="int8", calibration=[(x, torch.tensor([1]))])
+
+
+def test_export_pass_int8(tmp_path):
+    m, x = _net(), torch.randn(1, 3, 12, 12)
+    with pytest.raises(fxshift.ConfigError, match="needs calibration"):
+        fxshift.ExportOnnxPass(tmp_path / "p.onnx", quantize="int8")
+    fxshift.apply([fxshift.ExportOnnxPass(tmp_path / "p.onnx", quantize="int8", calibration=_cal(1))], m, x)
+    meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "p.onnx")).metadata_props}["fxshift.int8"])
+    assert [e["status"] for e in meta] == ["int8"] * 4
