@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import fxshift
-from fxshift.onnx.latency import LatencyTimer, model_onnx
-from fxshift.onnx.runtime import session_runner
+from fxshift.measure.latency import LatencyTimer, model_onnx
+from fxshift.measure.timing import session_runner
 from fxshift.passes.decompose_base import budget_summary
 
 from conftest import QUICK, build_torchvision

@@ -21,7 +21,8 @@ from fxshift.nn.gated import gated_units
 
 from conftest import QUICK
 
-from fxshift.onnx.runtime import median_times, session, session_runner, torch_runner
+from fxshift.measure.timing import median_times, session_runner, torch_runner
+from fxshift.onnx import session
 
 IMAGE = 32 if QUICK else 64
 ROUNDS = 5 if QUICK else 20

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxshift
-from fxshift.onnx.latency import LatencyTimer, model_onnx
+from fxshift.measure.latency import LatencyTimer, model_onnx
 
 from conftest import QUICK, build_torchvision
 
@@ -53,7 +53,8 @@ def measured():
 
 @pytest.mark.parametrize("k", COUNTS)
 def test_resnet50_blocks_removed(benchmark, measured, k):
-    from fxshift.onnx.runtime import session, session_runner
+    from fxshift.measure.timing import session_runner
+    from fxshift.onnx import session
 
     results, onnx, x, threads = measured
     r = results[k]

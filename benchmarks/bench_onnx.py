@@ -9,7 +9,7 @@ Quick mode times the int8 rows of the demo CNN only.
 Run: pytest benchmarks/bench_onnx.py -s   (FXSHIFT_BENCH_QUICK=1: the demo CNN and resnet18 at batch 1, few rounds)
      FXSHIFT_BENCH_MODELS=resnet18:1,vgg16:8 ...   pick cases;  FXSHIFT_BENCH_THREADS=2 (default) threads per session
 All files are written by fxshift.export_onnx (the same exporter). Every candidate runs in a child process of its
-own (benchmarks/process_timing.py: one thread pool per process, the processes alternate, medians over rounds), so
+own (fxshift.measure.process: one thread pool per process, the processes alternate, medians over rounds), so
 no second pool spins beside the one being timed. pytest-benchmark records the export of the plugin file's run in
 this process only as a smoke check; the ratios are in extra_info and the printed table. Tucker uses n_iter_max=2:
 latency depends on the ranks, not on how well HOOI converged on random weights.
@@ -25,7 +25,7 @@ from fxshift.onnx import export_onnx, library_path, plugin_available
 from fxshift.onnx.export import inline_functions
 
 from conftest import QUICK, build_torchvision
-from process_timing import onnx_medians
+from fxshift.measure.process import onnx_medians
 
 
 def _cases():

@@ -5,7 +5,7 @@
     FXSHIFT_BENCH_ISA=avx2 ...      # force an ISA of the native kernels (FXSHIFT_ISA in the child)
     FXSHIFT_BENCH_THREADS=1 ...     # threads of torch and of libfxshift (default 2)
 
-A torch process and a native process (benchmarks/process_timing.py, benchmarks/kernel_cases.py) each time
+A torch process and a native process (fxshift.measure.process, benchmarks/kernel_cases.py) each time
 every shape; the two alternate for a few rounds, and ``speedup = torch median / native median`` comes from
 the medians over rounds, with the load average.  One process holds one thread pool only, so torch's OpenMP
 and libfxshift's pool never spin against each other (interleaved in one process they moved the ratio
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fxshift.ops import native, packing
 
 from kernel_cases import BITS, HAS_ZERO, random_words
-from process_timing import torch_medians
+from fxshift.measure.process import torch_medians
 
 QUICK = os.environ.get("FXSHIFT_BENCH_QUICK", "") not in ("", "0")
 THREADS = int(os.environ.get("FXSHIFT_BENCH_THREADS", "2"))
@@ -75,8 +75,9 @@ def timings():
     if ISA:
         os.environ["FXSHIFT_ISA"] = ISA
     try:
-        medians, load = torch_medians(["float", "native"], _cases(), rounds=ROUNDS, iters=3 if QUICK else 7,
-                                      min_time=0.02 if QUICK else 0.1, threads=THREADS)
+        medians, load = torch_medians(["float", "native"], _cases(), "kernel_cases", [os.path.dirname(__file__)],
+                                      rounds=ROUNDS, iters=3 if QUICK else 7, min_time=0.02 if QUICK else 0.1,
+                                      threads=THREADS)
     finally:
         if ISA:
             os.environ.pop("FXSHIFT_ISA")

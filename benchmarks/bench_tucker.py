@@ -9,7 +9,7 @@ import torch
 
 import fxshift
 from fxshift.onnx import export_plain, session
-from fxshift.onnx.runtime import median_times, session_runner
+from fxshift.measure.timing import median_times, session_runner
 
 from conftest import QUICK, build_torchvision
 

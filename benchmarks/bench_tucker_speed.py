@@ -22,7 +22,7 @@ import torch
 from tensorly.decomposition import partial_tucker
 
 import fxshift
-from fxshift.decompose.budget import DEFAULT_FRACTIONS
+from fxshift.plan.budget import DEFAULT_FRACTIONS
 from fxshift.decompose.ranks import distinct, hosvd_errors, tucker2_ranks_for_cost
 from fxshift.decompose.svd import gram_svd
 

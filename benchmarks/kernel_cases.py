@@ -1,5 +1,5 @@
 """The timed side of benchmarks/bench_shift_kernels.py, run inside one child process per runtime
-(benchmarks/process_timing.py): builds each case's tensors from a fixed seed and times either torch float32
+(fxshift.measure.process.torch_medians): builds each case's tensors from a fixed seed and times either torch float32
 ("float": F.linear / F.conv2d on the decoded weight) or fxshift's native kernels ("native")."""
 import time
 

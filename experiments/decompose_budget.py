@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 import fxshift  # noqa: E402
 from fxshift.data import fashion_mnist  # noqa: E402
-from fxshift.onnx.latency import LatencyTimer  # noqa: E402
+from fxshift.measure.latency import LatencyTimer  # noqa: E402
 from fxshift.models import small_cnn  # noqa: E402
 from fxshift.train.loops import accuracy, train_epochs  # noqa: E402
 from fxshift.passes.decompose_base import budget_summary  # noqa: E402

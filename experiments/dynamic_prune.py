@@ -44,7 +44,8 @@ from fxshift.models import BasicBlock  # noqa: E402
 from fxshift.nn import set_gating  # noqa: E402
 from fxshift.train import mask_loss  # noqa: E402
 
-from fxshift.onnx.runtime import median_times, session, session_runner  # noqa: E402
+from fxshift.measure.timing import median_times, session_runner  # noqa: E402
+from fxshift.onnx import session  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ models

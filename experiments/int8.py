@@ -35,7 +35,7 @@ from fxshift import ShiftQuantizePass, TuckerDecomposePass
 from fxshift.data import fashion_mnist
 from fxshift.models import small_cnn
 from fxshift.onnx import QDQReference, export_int8
-from fxshift.onnx.process_timing import onnx_medians
+from fxshift.measure.process import onnx_medians
 from fxshift.train.loops import train_epochs
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -85,7 +85,7 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
 # ---------------------------------------------------------------------------------------- latency
 def latency_ratios(models: dict[str, nn.Module], example: torch.Tensor, min_time: float) -> dict[str, float]:
     """Median onnxruntime latency of each model over the first one's, timed round-robin in one run."""
-    from fxshift.onnx.latency import LatencyTimer
+    from fxshift.measure.latency import LatencyTimer
 
     timer = LatencyTimer(threads=1)
     for m in models.values():

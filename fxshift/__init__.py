@@ -3,25 +3,23 @@ from . import context, errors
 from .checkpoint import load, save
 from .context import report_of as report
 from .costs import macs, parameter_count
-from .decompose.budget import Budget
 from .errors import ConfigError, FxshiftError, RecipeError, TraceError
 from .nn.freeze import freeze
 from .onnx import ExportOnnxPass, export_onnx
-from .passes import CPDecomposePass, FreezePass, RecomposePass, ShiftQuantizePass, SpatialSVDPass, TuckerDecomposePass
-from .passes import DynamicPrunePass
-from .costs import dynamic_macs
-from .passes import LayerPrunePass
+from .passes import (CPDecomposePass, DynamicPrunePass, FreezePass, LayerPrunePass, RecomposePass, ShiftQuantizePass,
+                     SpatialSVDPass, TuckerDecomposePass)
 from .pipeline import apply
+from .plan import Budget
+from .prune.dynamic_macs import dynamic_macs
 from .report import Report
 from .trace import trace
 
 __version__ = "0.1.0"
 
-__all__ = ["apply", "report", "Report", "trace", "save", "load", "macs", "parameter_count", "TuckerDecomposePass",
-           "RecomposePass", "ShiftQuantizePass", "FreezePass", "freeze", "FxshiftError", "ConfigError", "TraceError",
-           "RecipeError", "errors", "context", "CPDecomposePass", "SpatialSVDPass", "Budget", "export_onnx",
-           "ExportOnnxPass"]
-__all__ += ["DynamicPrunePass", "dynamic_macs", "LayerPrunePass"]
+__all__ = ["apply", "trace", "report", "Report", "save", "load", "macs", "parameter_count", "dynamic_macs", "Budget",
+           "TuckerDecomposePass", "CPDecomposePass", "SpatialSVDPass", "RecomposePass", "ShiftQuantizePass",
+           "FreezePass", "freeze", "LayerPrunePass", "DynamicPrunePass", "export_onnx", "ExportOnnxPass",
+           "FxshiftError", "ConfigError", "TraceError", "RecipeError", "errors", "context"]
 
 
 def __getattr__(name: str):

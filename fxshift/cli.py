@@ -207,7 +207,7 @@ def cmd_compress(args) -> int:
         metadata = {"fxshift.model": args.model, "fxshift.passes": ";".join(args.passes),
                     "fxshift.input_shape": ",".join(str(d) for d in shape)}
         if calibration is not None:
-            from fxshift.onnx.int8 import export_int8
+            from fxshift.onnx.export import export_int8
 
             result = steps.run(f"export {args.export} (int8, {sum(len(b[0]) for b in calibration)} calibration "
                                "samples)", lambda: export_int8(gm, example, args.export, calibration,
@@ -448,8 +448,8 @@ def cmd_bench(args) -> int:
     import onnx
 
     from fxshift.onnx.lowering import choose_lowering, lowered
-    from fxshift.onnx.process_timing import onnx_medians
-    from fxshift.onnx.runtime import default_threads
+    from fxshift.measure.process import onnx_medians
+    from fxshift.measure.timing import default_threads
     from fxshift.report import format_table
 
     info = inspect_model(args.file)

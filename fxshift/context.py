@@ -62,7 +62,7 @@ def set_example_inputs(gm: fx.GraphModule, inputs: Any) -> None:
 
 
 def add_budget_summary(gm: fx.GraphModule, summary: dict[str, Any]) -> None:
-    """Record what one Budget run aimed at and reached (see fxshift.decompose.planner)."""
+    """Record what one Budget run aimed at and reached (see fxshift.plan.planner)."""
     gm.meta.setdefault(_BUDGETS, []).append(summary)
 
 

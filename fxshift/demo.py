@@ -26,7 +26,7 @@ import fxshift
 from fxshift.costs import state_bytes
 from fxshift.data import fashion_mnist
 from fxshift.models import small_cnn
-from fxshift.onnx.runtime import median_times, torch_runner
+from fxshift.measure.timing import median_times, torch_runner
 from fxshift.report import format_table
 from fxshift.train.loops import accuracy, train_epochs
 

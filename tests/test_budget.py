@@ -11,8 +11,8 @@ from torch import nn
 
 import fxshift
 from fxshift import Budget, ConfigError, CPDecomposePass, RecomposePass, SpatialSVDPass, TuckerDecomposePass
-from fxshift.decompose.budget import Candidate, LayerCandidates, allocate
-from fxshift.onnx.latency import LatencyTimer, clear_cache
+from fxshift.plan.allocation import Candidate, LayerCandidates, allocate
+from fxshift.measure.latency import LatencyTimer, clear_cache
 from fxshift.passes.decompose_base import budget_summary
 
 from conftest import build_torchvision, rel_error

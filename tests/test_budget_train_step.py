@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import fxshift
-from fxshift import Budget, ConfigError, LayerPrunePass, SpatialSVDPass, TuckerDecomposePass
+from fxshift import Budget, ConfigError, SpatialSVDPass, TuckerDecomposePass
 from fxshift.costs import meta_copy
 from fxshift.models import SmallResNet
 from fxshift.passes.decompose_base import budget_summary
-from fxshift.step_timer import TrainStepTimer, at_batch, clear_cache, is_channels_last
+from fxshift.measure.train_step import TrainStepTimer, at_batch, clear_cache, is_channels_last
 
 X = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -98,11 +98,3 @@ def test_unreachable_training_step_budget_says_so():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
     with pytest.raises(ConfigError, match="training-step time"):
         fxshift.apply([TuckerDecomposePass(rank=Budget(train_step=0.05, batch=8, threads=1))], model, X)
-
-
-def test_layer_prune_takes_a_training_step_budget():
-    model = SmallResNet((16, 16, 16), 2).eval()
-    gm = fxshift.apply([LayerPrunePass(blocks=Budget(train_step=0.9, batch=32, threads=1))], model, X)
-    summary = next(s for s in fxshift.context.budget_summaries(gm) if s["pass"] == "LayerPrunePass")
-    assert summary["kind"] == "train_step" and summary["blocks"] >= 1
-    assert summary["fraction"] <= 0.9 * 1.03 + 0.05

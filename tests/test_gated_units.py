@@ -5,7 +5,7 @@ from torch import nn
 
 from fxshift import ConfigError
 from fxshift.nn.gated import GatedConv2d, scatter_channels, select_filters, set_gating
-from fxshift.prune.masks import check_target, mass_targets, uniform_targets
+from fxshift.nn.mask_targets import check_target, mass_targets, uniform_targets
 from fxshift.train import mask_loss
 
 

@@ -1,9 +1,9 @@
-"""The rank grammar, parsed once (fxshift.decompose.rank_setting) and shared by every decomposition pass."""
+"""The rank grammar, parsed once (fxshift.plan.rank_setting) and shared by every decomposition pass."""
 import pytest
 from torch import nn
 
 from fxshift import Budget, ConfigError, CPDecomposePass, SpatialSVDPass, TuckerDecomposePass
-from fxshift.decompose.rank_setting import (Absolute, Energy, Fraction, PerMode, VBMF, is_data_driven, parse_rank,
+from fxshift.plan.rank_setting import (Absolute, Energy, Fraction, PerMode, VBMF, is_data_driven, parse_rank,
                                             rank_for_layer)
 
 

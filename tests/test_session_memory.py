@@ -1,6 +1,6 @@
 """A plugin session holds the packed weights, not float copies: its peak memory stays below the float session's.
 
-Each session is built and run in a fresh child process (fxshift.onnx.process_timing.onnx_peak_memory), so the
+Each session is built and run in a fresh child process (fxshift.measure.process.onnx_peak_memory), so the
 numbers are the peak resident set the session added to a process with only numpy and onnxruntime loaded."""
 import pytest
 import torch
@@ -11,7 +11,7 @@ from fxshift import ShiftQuantizePass
 
 pytest.importorskip("onnxruntime")
 from fxshift.onnx import export_onnx, library_path, plugin_available  # noqa: E402
-from fxshift.onnx.process_timing import onnx_peak_memory  # noqa: E402
+from fxshift.measure.process import onnx_peak_memory  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not plugin_available(), reason="libfxshift_ort not built")
 

@@ -1,5 +1,5 @@
 """Rank rules shared by every SVD-based decomposition: what a parsed rank setting
-(fxshift.decompose.rank_setting: fraction, int, "energy:τ", "vbmf", per mode) means for a layer.
+(fxshift.plan.rank_setting: fraction, int, "energy:τ", "vbmf", per mode) means for a layer.
 
 The truncated-SVD rule (`low_rank`) is shared by the Linear SVD, each Tucker mode and the spatial
 decomposition; `tail_error` gives the Eckart–Young error of any rank from the same spectrum.
@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import ConfigError
-from .rank_setting import Absolute, Energy, Fraction, PerMode, RankSpec, VBMF, is_data_driven, parse_rank
+from ..plan.rank_setting import Absolute, Energy, Fraction, PerMode, RankSpec, VBMF, is_data_driven, parse_rank
 from .gram import leading_left_vectors, squared_singular_values
 from .tucker import clamp_tucker2_ranks
 

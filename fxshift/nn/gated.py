@@ -3,7 +3,7 @@
 A mask predictor reads the unit's input (global average pool → 1×1 conv) and gives one logit per
 output filter. The unit's forward takes ``(x, in_idx)`` and returns ``(y, out_idx)``:
 
-- training mode: ``y`` is the dense output; the unit also computes its targets (fxshift.prune.masks)
+- training mode: ``y`` is the dense output; the unit also computes its targets (fxshift.nn.mask_targets)
   and keeps the BCE of its logits against them in ``last_loss`` (read by fxshift.train.mask_loss).
   With ``decoupled`` the predictor reads a detached input, so the mask loss trains the predictors
   only. ``out_idx`` is None.
@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..prune.masks import check_target, mask_targets
+from ..costs import register_mac_rule
+from ..ops.gated_ops import gated_conv2d, scatter_channels_op, select_filters, skip_conv
+from .mask_targets import check_target, mask_targets
 
 GATINGS = ("skip", "mask")
 
@@ -50,20 +52,13 @@ def activation_name(act: Optional[nn.Module]) -> str:
                       "or leave it outside the unit")
 
 
-def select_filters(logits: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, C): logit > 0 (sigmoid > 0.5), and each sample's top filter when it selects none."""
-    return (logits > 0) | (logits >= logits.amax(dim=1, keepdim=True))
-
-
 def scatter_channels(y: torch.Tensor, idx: Optional[torch.Tensor], channels: int) -> torch.Tensor:
     """The full channel layout of a compact tensor: channel idx[i] of the result is y[:, i], the rest zero."""
     if idx is None:
         return y
     shape = (y.shape[0], channels) + tuple(y.shape[2:])
     if torch.compiler.is_compiling():  # torch.onnx.export (dynamo): one op with a static output shape
-        from ..ops import gated_ops
-
-        return gated_ops.scatter_channels(y, idx, channels)
+        return scatter_channels_op(y, idx, channels)
     return y.new_zeros(shape).index_copy(1, idx, y)
 
 
@@ -78,7 +73,7 @@ class GatedConv2d(nn.Module):
         conv: an ungrouped Conv2d with zero padding (copied).
         bn: the BatchNorm2d that follows it, or None (copied).
         act: the activation after the BatchNorm, or None (copied).
-        target, threshold, ratio: the training targets (fxshift.prune.masks).
+        target, threshold, ratio: the training targets (fxshift.nn.mask_targets).
         decoupled: the predictor reads a detached input in training.
         gating: "skip" or "mask" (eval behaviour; fxshift.nn.set_gating switches it).
         train_mask: in training, multiply the output by the targets (the network then trains on the
@@ -184,9 +179,7 @@ class GatedConv2d(nn.Module):
             self._record(keep, x, y)
             return y, None
         if torch.compiler.is_compiling():
-            from ..ops import gated_ops
-
-            return gated_ops.gated_conv2d(self, x, in_idx)
+            return gated_conv2d(self, x, in_idx)
         return self._skip(x, in_idx)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,42 +267,6 @@ class GatedConv2d(nn.Module):
                    train_mask=spec.get("train_mask", False))
 
 
-#: skip mode's activations; they may work in place (they get the conv's fresh output).
-ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda y: y, "relu": torch.relu_, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
-}
-
-
-def skip_conv(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: Optional[torch.Tensor],
-              shift: torch.Tensor, predictor_weight: torch.Tensor, predictor_bias: torch.Tensor, stride: Any,
-              padding: Any, dilation: Any, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The skipping computation of a gated unit: (compact output, its channel indices, per-sample selection).
-
-    x holds the active input channels `in_idx` (all channels when None); only the selected filters'
-    weight rows (× BN scale) over those input channels are gathered and convolved."""
-    pooled = x.mean(dim=(2, 3))
-    pw = predictor_weight if in_idx is None else predictor_weight.index_select(1, in_idx)
-    logits = F.linear(pooled, pw, predictor_bias)
-    if x.shape[0] == 1:   # batch 1: logit > 0 equals select_filters whenever one filter passes (4 ops fewer)
-        keep = logits > 0
-        idx = keep[0].nonzero().squeeze(1)
-        if idx.numel() == 0:
-            keep = select_filters(logits)
-            idx = keep[0].nonzero().squeeze(1)
-    else:
-        keep = select_filters(logits)
-        idx = keep.any(dim=0).nonzero().squeeze(1)
-    w = weight.index_select(0, idx)
-    if in_idx is not None:
-        w = w.index_select(1, in_idx)
-    if scale is not None:   # else the BN scale is already folded into weight
-        w = w * scale.index_select(0, idx).view(-1, 1, 1, 1)
-    y = ACTIVATION_FUNCTIONS[act](F.conv2d(x, w, shift.index_select(0, idx), stride, padding, dilation))
-    if x.shape[0] > 1:
-        y = y * keep.index_select(1, idx)[:, :, None, None].to(y.dtype)
-    return y, idx, keep
-
-
 def set_unit_gating(unit: GatedConv2d, gating: str) -> None:
     if gating not in GATINGS:
         raise ConfigError(f"gating must be 'skip' (compute only the selected filters) or 'mask' (dense, then zero "
@@ -333,3 +290,8 @@ def set_gating(model: nn.Module, gating: str) -> nn.Module:
     for _, unit in units:
         set_unit_gating(unit, gating)
     return model
+
+
+@register_mac_rule(GatedConv2d)
+def _gated_macs(module: GatedConv2d, output: torch.Tensor) -> int:
+    return module.static_macs(tuple(output.shape[2:]))

@@ -26,7 +26,7 @@ from ..nn.shift import SHIFT_LAYERS
 from . import functions
 from . import gated as gated_lowering
 
-__all__ = ["export_onnx", "export_plain", "to_model_proto", "inline_functions", "TARGETS", "ExportError"]
+__all__ = ["export_onnx", "export_int8", "export_plain", "to_model_proto", "inline_functions", "TARGETS", "ExportError"]
 
 TARGETS = ("fxshift", "portable")
 
@@ -276,8 +276,6 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: Union[str, os.PathLike
     if quantize is not None:
         if quantize != "int8":
             raise ExportError(f"quantize={quantize!r}: use 'int8' (or None for a float / fxshift-op export)")
-        from .int8 import export_int8
-
         result = export_int8(gm, example_inputs, path, calibration, dynamic_batch=dynamic_batch, metadata=metadata)
         if result.float_layers:
             warnings.warn(f"int8 export: {len(result.float_layers)} layer(s) stay float: "
@@ -289,6 +287,43 @@ def export_onnx(gm: nn.Module, example_inputs: Any, path: Union[str, os.PathLike
                            metadata=metadata)
     _save(proto, path)
     return path
+
+
+def export_int8(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], calibration: Any, *,
+                dynamic_batch: bool = True, metadata: Optional[dict] = None, pre_process: bool = True,
+                calibrate_method: str = "MinMax"):
+    """Write a QDQ int8 ONNX file of `model` that stock onnxruntime runs on its own int8 kernels
+    (fxshift.onnx.int8; what ``export_onnx(..., quantize="int8")`` writes).
+
+    Parameters
+    ----------
+    model : the model (typically the GraphModule of fxshift.apply); not changed.
+    example_inputs : tensor or tuple of tensors to trace with.
+    path : the .onnx file to write.
+    calibration : iterable of input batches (tensors or tuples, no labels), or one tensor of samples;
+        activation ranges (uint8) come from running them. 128-512 samples are usually enough.
+    pre_process : run onnxruntime's quant_pre_process (shape inference, graph optimisation) first.
+    calibrate_method : "MinMax", "Entropy" or "Percentile" (onnxruntime.quantization.CalibrationMethod).
+
+    Returns
+    -------
+    fxshift.onnx.int8.Int8Export: the path and, per Conv / Gemm / MatMul, whether it is int8 (exact for
+    shift layers) or float.
+    """
+    from . import int8
+
+    inputs = _as_tuple(example_inputs)
+    batches = int8.calibration_list(calibration, len(inputs))
+    deploy, shifts = int8.deploy_model(model)
+    proto = to_model_proto(deploy, inputs, target="portable", dynamic_batch=dynamic_batch, freeze=False)
+    try:
+        return int8.quantize_int8(proto, deploy, shifts, batches, path, metadata=metadata, pre_process=pre_process,
+                                  calibrate_method=calibrate_method)
+    except FxshiftError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {first}") from exc
 
 
 def export_plain(model: nn.Module, example_inputs: Sequence[torch.Tensor],

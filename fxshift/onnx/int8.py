@@ -1,4 +1,4 @@
-"""int8 QDQ export: the model lowered to onnxruntime's own int8 kernels (no plugin), shift layers exact.
+"""int8 QDQ lowering (fxshift.onnx.export.export_int8 is the entry point): the model lowered to onnxruntime's own int8 kernels (no plugin), shift layers exact.
 
 Built on ``onnxruntime.quantization``: the model is exported in float (shift layers as ordinary Conv / Gemm
 whose weights are their ±2^p codes times their per-channel scale, BatchNorms folded in first), then
@@ -29,7 +29,7 @@ from ..nn.frozen_shift import FrozenShiftConv2d, FrozenShiftLinear
 from ..nn.shift import SHIFT_LAYERS, ShiftConv2d
 from ..quantize.int8_exact import int8_codes, is_int8_exact
 
-__all__ = ["Int8Export", "deploy_model", "export_int8", "calibration_list", "METADATA_KEY"]
+__all__ = ["Int8Export", "deploy_model", "quantize_int8", "calibration_list", "METADATA_KEY"]
 
 METADATA_KEY = "fxshift.int8"
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -235,38 +235,22 @@ def _dq_weights(proto) -> dict[str, tuple[str, Any]]:
     return out
 
 
-def export_int8(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], calibration: Any, *,
-                dynamic_batch: bool = True, metadata: Optional[dict] = None, pre_process: bool = True,
-                calibrate_method: str = "MinMax") -> Int8Export:
-    """Write a QDQ int8 ONNX file of `model` that stock onnxruntime runs on its int8 kernels (module doc).
+def quantize_int8(proto: Any, deploy: nn.Module, shifts: dict[str, dict[str, torch.Tensor]], batches: list[tuple],
+                  path: Union[str, os.PathLike], *, metadata: Optional[dict] = None, pre_process: bool = True,
+                  calibrate_method: str = "MinMax") -> Int8Export:
+    """Quantize the float export `proto` of `deploy` (deploy_model's result, with its `shifts`) to a QDQ int8
+    file at `path` with onnxruntime (module doc); fxshift.onnx.export.export_int8 is the entry point.
 
-    Parameters
-    ----------
-    model : the model (typically the GraphModule of fxshift.apply); not changed.
-    example_inputs : tensor or tuple of tensors to trace with.
-    path : the .onnx file to write.
-    calibration : iterable of input batches (tensors or tuples, no labels), or one tensor of samples;
-        activation ranges (uint8) come from running them. 128-512 samples are usually enough.
-    pre_process : run onnxruntime's quant_pre_process (shape inference, graph optimisation) first.
-    calibrate_method : "MinMax", "Entropy" or "Percentile" (onnxruntime.quantization.CalibrationMethod).
-
-    Returns
-    -------
-    Int8Export: the path and, per Conv / Gemm / MatMul, whether it is int8 (exact for shift layers) or float.
-    """
+    pre_process: run onnxruntime's quant_pre_process (shape inference, graph optimisation) first.
+    calibrate_method: "MinMax", "Entropy" or "Percentile" (onnxruntime.quantization.CalibrationMethod).
+    Errors of onnxruntime's quantizer propagate."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .export import ExportError, _as_tuple, to_model_proto
-
-    inputs = _as_tuple(example_inputs)
-    batches = calibration_list(calibration, len(inputs))
     method = getattr(CalibrationMethod, calibrate_method, None)
     if method is None:
         raise ConfigError(f"calibrate_method={calibrate_method!r}: use MinMax, Entropy or Percentile")
-    deploy, shifts = deploy_model(model)
-    proto = to_model_proto(deploy, inputs, target="portable", dynamic_batch=dynamic_batch, freeze=False)
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="fxshift-int8-") as tmp:
         float_path, pre_path = Path(tmp) / "float.onnx", Path(tmp) / "pre.onnx"
@@ -303,15 +287,10 @@ def export_int8(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             expected[wname] = (q.numpy().reshape(want.shape[0], -1), step.numpy(), axis)
         names = [i.name for i in pre.graph.input]
         out_path = Path(tmp) / "int8.onnx"
-        try:
-            quantize_static(str(pre_path), str(out_path), _reader(batches, names), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            calibrate_method=method,
-                            extra_options={"TensorQuantOverrides": overrides,
-                                           "QDQDisableWeightAdjustForInt32Bias": True})
-        except Exception as exc:  # noqa: BLE001
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExportError(f"onnxruntime quantize_static failed: {type(exc).__name__}: {first}") from exc
+        quantize_static(str(pre_path), str(out_path), _reader(batches, names), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=method,
+                        extra_options={"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True})
         result = onnx.load(str(out_path))
     inits = {i.name: i for i in result.graph.initializer}
     quantized = _dq_weights(result)

@@ -33,13 +33,18 @@ import numpy as np
 
 from ..errors import ConfigError
 from . import functions
-from .runtime import median_times, session, session_runner
+from ..measure.timing import median_times, session_runner
+from .sessions import build_session, session_options
 
 __all__ = ["choose_lowering", "lowered", "Lowering", "LOWERINGS"]
 
 #: what a node can run on
 LOWERINGS = ("plugin", "body")
 _INLINE = "Inline"  # suffix of the function copies that mark nodes to inline
+
+
+def _session(model: bytes, *, plugin: bool, threads: Optional[int]):
+    return build_session(model, session_options(plugin=plugin, threads=threads))
 
 
 @dataclass
@@ -84,7 +89,7 @@ def _captured_inputs(model, batch: int, threads: Optional[int]) -> dict[str, np.
     for name in dict.fromkeys(wanted):
         if name not in known:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = session(probe.SerializeToString(), plugin=False, threads=threads)
+    sess = _session(probe.SerializeToString(), plugin=False, threads=threads)
     feeds = {sess.get_inputs()[0].name: np.zeros(_input_shape(probe, batch), dtype=np.float32)}
     outputs = [o.name for o in sess.get_outputs()]
     values = dict(zip(outputs, sess.run(outputs, feeds)))
@@ -138,8 +143,8 @@ def choose_lowering(model: Union[str, bytes, Any], *, batch: int = 1, threads: O
             if one is None:
                 timed[key] = {"alone": "plugin", "plugin_ms": None, "body_ms": None}
             else:
-                runners = {"plugin": session_runner(session(one.SerializeToString(), plugin=True, threads=threads), [x]),
-                           "body": session_runner(session(inline_functions(one).SerializeToString(), plugin=False,
+                runners = {"plugin": session_runner(_session(one.SerializeToString(), plugin=True, threads=threads), [x]),
+                           "body": session_runner(_session(inline_functions(one).SerializeToString(), plugin=False,
                                                           threads=threads), [x])}
                 t = median_times(runners, min_time=min_time)
                 timed[key] = {"alone": "body" if t["body"] < (1.0 - margin) * t["plugin"] else "plugin",
@@ -152,7 +157,7 @@ def choose_lowering(model: Union[str, bytes, Any], *, batch: int = 1, threads: O
     for kind, choice in candidates.items():
         if kind == "mixed" and choice in (candidates["plugin"], candidates["body"]):
             continue  # the same model as one of the other two
-        runners[kind] = session_runner(session(lowered(proto, choice).SerializeToString(), plugin=True,
+        runners[kind] = session_runner(_session(lowered(proto, choice).SerializeToString(), plugin=True,
                                                threads=threads), x)
     t = median_times(runners, min_time=3 * min_time)
     result.model_ms = {k: 1e3 * v for k, v in t.items()}

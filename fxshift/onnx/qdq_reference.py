@@ -197,7 +197,7 @@ def int8_reference(model: nn.Module, example_inputs: Any, calibration: Any, **op
 
     import onnx
 
-    from .int8 import export_int8
+    from .export import export_int8
 
     with tempfile.TemporaryDirectory(prefix="fxshift-int8-ref-") as tmp:
         result = export_int8(model, example_inputs, Path(tmp) / "int8.onnx", calibration, **options)

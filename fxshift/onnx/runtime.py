@@ -1,100 +1,21 @@
-"""The one place that builds onnxruntime sessions: session options, registration of fxshift's
-custom-op library (libfxshift_ort, built from native/ort; found by fxshift.ops.libraries), and the
-timing helpers every benchmark, the CLI and Budget(latency=...) use.
-
-Sessions never let their worker threads spin between runs (``allow_spinning=0``): a spinning pool
-steals the core from everything else on a shared machine and turns ratios into a lottery (on a
-busy 2-core machine resnet18 read 880 ms with spinning and 41 ms without). Timings are medians of
-round-robin runs, so every candidate sees the same background load.
+"""Running fxshift's ONNX files: :func:`session` (the public entry: fxshift's settings from
+fxshift.onnx.sessions, plus the per-node lowering choice of fxshift.onnx.lowering) and
+:func:`compare_in_onnxruntime` (export, run with and without the plugin, compare with torch, time).
 """
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
-from ..errors import ConfigError, NativeError
-from ..ops.libraries import find_library, library_filename
+from ..errors import ConfigError
+from ..measure.timing import median_times, session_runner, torch_runner
 from .export import _as_tuple, export_onnx, export_plain
+from .lowering import choose_lowering, lowered
+from .sessions import BUILD_HINT, PluginNotFound, build_session, library_path, plugin_available, session_options
 
-__all__ = ["library_path", "plugin_available", "session_options", "session", "compare_in_onnxruntime", "PluginNotFound",
-           "BUILD_HINT", "default_threads", "session_runner", "torch_runner", "median_times"]
-
-BUILD_HINT = ("build it with `bash scripts/fetch_ort_headers.sh && pip install -e .` (or `cmake -S . -B build/dev "
-              "-G Ninja && cmake --build build/dev`); CMake says why it skipped the plugin when onnxruntime's "
-              "headers are missing")
-
-
-class PluginNotFound(NativeError):
-    """libfxshift_ort was not found (the message lists where it was looked for and how to build it)."""
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def library_path(required: bool = True) -> Optional[Path]:
-    """Path of libfxshift_ort, the onnxruntime custom-op library of the ``fxshift`` domain.
-
-    Raises :class:`PluginNotFound` (or returns None with ``required=False``) when it was not built.
-    """
-    path, tried = find_library("fxshift_ort")
-    if path is not None or not required:
-        return path
-    raise PluginNotFound(f"fxshift's onnxruntime plugin ({library_filename('fxshift_ort')}) was not found; {BUILD_HINT}. "
-                         f"Looked in: {'; '.join(tried)}")
-
-
-def plugin_available() -> bool:
-    """True when libfxshift_ort can be found."""
-    return library_path(required=False) is not None
-
-
-def session_options(options: Any = None, *, plugin: bool = True, threads: Optional[int] = None,
-                    optimization: str = "all", spinning: bool = False):
-    """``onnxruntime.SessionOptions`` as fxshift runs every session, libfxshift_ort registered.
-
-    Parameters
-    ----------
-    options : onnxruntime.SessionOptions, optional
-        Options to configure (changed in place); new ones when None.
-    plugin : bool
-        Register libfxshift_ort (fxshift-domain ops on native kernels); raises PluginNotFound
-        when it was not built.
-    threads : int, optional
-        intra-op threads (default: the CPUs this process may use).
-    optimization : {"all", "extended", "basic", "none"}
-        onnxruntime's graph optimisation level.
-    spinning : bool
-        Let worker threads spin between runs (off by default: see the module docstring).
-    """
-    import onnxruntime as ort
-
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-    if optimization not in levels:
-        raise ValueError(f"optimization must be one of {sorted(levels)}, got {optimization!r}")
-    so = options if options is not None else ort.SessionOptions()
-    if plugin:
-        path = library_path()
-        try:
-            so.register_custom_ops_library(os.fspath(path))
-        except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
-            raise NativeError(f"onnxruntime could not load {path}: {exc}") from exc
-    so.graph_optimization_level = levels[optimization]
-    so.intra_op_num_threads = int(threads or default_threads())
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return so
+__all__ = ["session", "compare_in_onnxruntime", "library_path", "plugin_available", "session_options", "PluginNotFound",
+           "BUILD_HINT"]
 
 
 def session(path: Union[str, os.PathLike, bytes], *, plugin: bool = True, threads: Optional[int] = None,
@@ -118,58 +39,14 @@ def session(path: Union[str, os.PathLike, bytes], *, plugin: bool = True, thread
     providers : list, optional
         Execution providers (default: CPU; the plugin's kernels are CPU kernels).
     """
-    import onnxruntime as ort
-
     so = session_options(options, plugin=plugin, threads=threads, optimization=optimization, spinning=spinning)
     model = path if isinstance(path, bytes) else os.fspath(path)
     if plugin and lowering != "plugin":
-        from .lowering import choose_lowering, lowered
-
         if isinstance(lowering, str) and lowering != "auto":
             raise ConfigError(f"lowering must be 'plugin', 'auto' or a mapping node -> 'plugin'|'body', got {lowering!r}")
         choice = choose_lowering(model, threads=threads) if lowering == "auto" else lowering
         model = lowered(model, choice).SerializeToString()
-    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
-
-
-def session_runner(sess, inputs: Sequence[Any]) -> Callable[[], Any]:
-    """A no-argument callable running `sess` on `inputs` (tensors or numpy arrays)."""
-    arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else x for x in inputs]
-    feeds = {i.name: x for i, x in zip(sess.get_inputs(), arrays)}
-    return lambda: sess.run(None, feeds)
-
-
-def torch_runner(model, inputs: Sequence[Any]) -> Callable[[], Any]:
-    """A no-argument callable running `model` on `inputs` in inference mode."""
-    import torch
-
-    def run():
-        with torch.inference_mode():
-            return model(*inputs)
-
-    return run
-
-
-def median_times(runners: Mapping[str, Callable[[], Any]], rounds: int = 5, min_time: float = 0.0,
-                 max_rounds: int = 200, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each runner, timed round-robin (each sees the same machine noise):
-    at least `rounds` rounds, more (up to `max_rounds`) until every runner has had `min_time`
-    seconds on average."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    spent = 0.0
-    done = 0
-    while done < max_rounds and (done < rounds or spent < min_time * len(runners)):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            elapsed = time.perf_counter() - start
-            samples[name].append(elapsed)
-            spent += elapsed
-        done += 1
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return build_session(model, so, providers)
 
 
 def _numpy_inputs(session_, inputs) -> dict:

@@ -1,17 +1,57 @@
-"""torch.library ops for gated (dynamically pruned) units, used only while exporting to ONNX.
+"""The computation of gated (dynamically pruned) units, and its torch.library ops for ONNX export.
 
-Eager execution calls fxshift.nn.gated.skip_conv directly. Under torch.onnx.export the unit calls
+Eager execution calls :func:`skip_conv` directly. Under torch.onnx.export the unit calls
 ``fxshift::gated_conv2d`` and ``fxshift::scatter_channels`` instead, so that the exporter sees one op
 per unit with a data-dependent channel count (an unbacked size in the fake implementation), and
 fxshift/onnx/gated.py lowers each to standard ONNX ops that keep the skipping.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
-from ..nn.gated import skip_conv
+
+def select_filters(logits: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, C): logit > 0 (sigmoid > 0.5), and each sample's top filter when it selects none."""
+    return (logits > 0) | (logits >= logits.amax(dim=1, keepdim=True))
+
+
+#: skip mode's activations; they may work in place (they get the conv's fresh output).
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda y: y, "relu": torch.relu_, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
+}
+
+
+def skip_conv(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: Optional[torch.Tensor],
+              shift: torch.Tensor, predictor_weight: torch.Tensor, predictor_bias: torch.Tensor, stride: Any,
+              padding: Any, dilation: Any, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The skipping computation of a gated unit: (compact output, its channel indices, per-sample selection).
+
+    x holds the active input channels `in_idx` (all channels when None); only the selected filters'
+    weight rows (× BN scale) over those input channels are gathered and convolved."""
+    pooled = x.mean(dim=(2, 3))
+    pw = predictor_weight if in_idx is None else predictor_weight.index_select(1, in_idx)
+    logits = F.linear(pooled, pw, predictor_bias)
+    if x.shape[0] == 1:   # batch 1: logit > 0 equals select_filters whenever one filter passes (4 ops fewer)
+        keep = logits > 0
+        idx = keep[0].nonzero().squeeze(1)
+        if idx.numel() == 0:
+            keep = select_filters(logits)
+            idx = keep[0].nonzero().squeeze(1)
+    else:
+        keep = select_filters(logits)
+        idx = keep.any(dim=0).nonzero().squeeze(1)
+    w = weight.index_select(0, idx)
+    if in_idx is not None:
+        w = w.index_select(1, in_idx)
+    if scale is not None:   # else the BN scale is already folded into weight
+        w = w * scale.index_select(0, idx).view(-1, 1, 1, 1)
+    y = ACTIVATION_FUNCTIONS[act](F.conv2d(x, w, shift.index_select(0, idx), stride, padding, dilation))
+    if x.shape[0] > 1:
+        y = y * keep.index_select(1, idx)[:, :, None, None].to(y.dtype)
+    return y, idx, keep
 
 
 @torch.library.custom_op("fxshift::gated_conv2d", mutates_args=())
@@ -53,5 +93,5 @@ def gated_conv2d(unit, x: torch.Tensor, in_idx: Optional[torch.Tensor]) -> tuple
                                           list(conv.dilation), unit.act_name)
 
 
-def scatter_channels(y: torch.Tensor, idx: torch.Tensor, channels: int) -> torch.Tensor:
+def scatter_channels_op(y: torch.Tensor, idx: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.ops.fxshift.scatter_channels(y, idx, int(channels))

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..decompose.cp import cp_conv, cp_max_rank
 from ..decompose.cp_als import cp_als, cp_break_even_rank, cp_error_curve, cp_kernel
-from ..decompose.rank_setting import Absolute, Energy, Fraction, VBMF, parse_rank
+from ..plan.rank_setting import Absolute, Energy, Fraction, VBMF, parse_rank
 from ..decompose.ranks import distinct, fixed_rank
 from ..decompose.tucker import mode_unfolding, relative_error
 from ..errors import ConfigError

@@ -1,5 +1,5 @@
 """What every decomposition pass shares: choosing layers, deciding each one, swapping it and
-reporting it. A whole-model Budget is planned by fxshift.decompose.planner; this class then
+reporting it. A whole-model Budget is planned by fxshift.plan.planner; this class then
 decomposes each layer at its planned rank."""
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 
 from ..context import add_budget_summary, budget_summaries, example_inputs_of, report_of
 from ..costs import input_shapes, parameter_count, proxy_input_shape, shape_macs
-from ..decompose.budget import Budget
+from ..plan.budget import Budget
 from ..decompose.gram import squared_singular_values
-from ..decompose.planner import plan_budget
-from ..decompose.rank_setting import rank_for_layer
+from ..plan.planner import plan_budget
+from ..plan.rank_setting import rank_for_layer
 from ..decompose.ranks import distinct, first_mode, linear_rank_for_cost, mode_rank, tail_error
 from ..decompose.svd import svd_factors
 from ..decompose.tucker import relative_error
@@ -63,7 +63,7 @@ class DecompositionPass(PassBase, abc.ABC):
 
     only_if_cheaper: leave a layer as it is when its decomposition would not cut MACs.
 
-    With ``rank=fxshift.Budget(...)`` the planner (fxshift.decompose.planner) asks the subclass
+    With ``rank=fxshift.Budget(...)`` the planner (fxshift.plan.planner) asks the subclass
     for candidate ranks with estimated errors (`budget_candidates`) and the structure each would
     insert (`structure`), costs them and allocates one rank per layer so that the whole model
     meets the budget with the smallest Σ relative error²; the pass then decomposes each layer at

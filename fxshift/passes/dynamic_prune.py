@@ -21,7 +21,7 @@ from ..costs import input_shapes, parameter_count
 from ..errors import ConfigError
 from ..graph import LayerFilter, Selector
 from ..nn.gated import GATINGS
-from ..prune.masks import check_target
+from ..nn.mask_targets import check_target
 from ..prune.gated_graph import fuse_unit, match_unit, output_size, rewire
 from ..report import ReportRow
 

@@ -9,12 +9,12 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..context import add_budget_summary, example_inputs_of, record_removed_blocks, report_of
 from ..costs import parameter_count
-from ..decompose.budget import Budget
+from ..plan.budget import Budget
 from ..errors import ConfigError
 from ..graph import LayerFilter, Selector
 from ..prune.blocks import Block, exclusive_modules, find_blocks, profile_nodes, remove_blocks
 from ..prune.criteria import DATA_DRIVEN, resolve_criterion, score_blocks
-from ..prune.selection import BlocksSetting, blocks_to_remove
+from ..plan.block_count import BlocksSetting, blocks_to_remove
 from ..report import ReportRow
 
 

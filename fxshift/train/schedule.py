@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..nn.base import RECOMPOSE_RULES
 from ..passes.recompose import RecomposePass
 from ..pipeline import Pass, apply
-from ..step_timer import is_channels_last
+from ..measure.train_step import is_channels_last
 from ..trace import LeafSpec
 from .deepshift import shift_parameters
 from .distributed import apply_synced, rewrap

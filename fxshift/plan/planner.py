@@ -1,15 +1,15 @@
 """The Budget planner: which rank each layer gets so that the whole model meets a Budget.
 
 A decomposition pass given ``rank=fxshift.Budget(...)`` hands its layers to :func:`plan_budget`,
-which works in three steps (the method is described in fxshift.decompose.budget):
+which works in three steps (the allocation method is described in fxshift.plan.allocation):
 
 1. Candidates: for every layer, the pass proposes ranks with estimated errors
    (``proposer.budget_candidates``) and the structure each would insert (``proposer.structure``);
-   the planner costs them by MACs, parameters, onnxruntime latency (fxshift.onnx.latency) or
-   torch training-step time (fxshift.step_timer).
+   the planner costs them by MACs, parameters, onnxruntime latency (fxshift.measure.latency) or
+   torch training-step time (fxshift.measure.train_step).
 2. Allocation: one candidate (or "keep") per layer, least Σ error², whole model within the
-   target (:func:`fxshift.decompose.budget.allocate`). For the timed kinds the allocation is
-   calibrated against whole-model timings (:func:`_calibrated`).
+   target (:func:`fxshift.plan.allocation.allocate`). For the timed kinds the allocation is
+   calibrated against whole-model timings (fxshift.plan.calibration).
 3. The pass decomposes each layer at its planned rank; :meth:`Plan.summary` says what the run
    aimed at and reached.
 
@@ -31,8 +31,10 @@ from ..context import planning_sync
 from ..costs import input_shapes, macs, meta_copy, parameter_count, proxy_input_shape, shape_macs
 from ..errors import ConfigError
 from ..graph import replace_module
-from ..step_timer import is_channels_last
-from .budget import Allocation, Budget, Candidate, LayerCandidates, allocate
+from ..measure.train_step import is_channels_last
+from .allocation import Allocation, Candidate, LayerCandidates, allocate
+from .budget import Budget
+from .calibration import calibrate
 
 __all__ = ["Proposer", "Plan", "plan_budget"]
 
@@ -124,7 +126,12 @@ def _plan(gm: fx.GraphModule, layers: Sequence[tuple[str, nn.Module]], budget: B
         timer.save()
         # Timed again after the layers, and averaged: the machine's load drifts while layers are timed.
         total = 0.5 * (total + timer.models({"original": original}, inputs, min_time=0.5)["original"])
-        allocation, calibration = _calibrated(gm, entries, total, budget, proposer, timer, original, inputs)
+        def measure(allocation: Allocation) -> float:
+            ranks = {name: (c.rank if c is not None else None) for name, c in allocation.choice.items()}
+            times = timer.models({"original": original, "trial": _trial(gm, ranks, proposer)}, inputs, min_time=0.5)
+            return times["trial"] / times["original"]
+
+        allocation, calibration = calibrate(entries, total, budget, measure)
         allocation.total_after = calibration[-1] * total
         measured = {"unit": "seconds", "layer_timings": timer.measured, "calibration": calibration,
                     "predicted_fraction": 1.0 - sum(e.cost - allocation.choice[e.name].cost for e in entries
@@ -186,70 +193,3 @@ def _trial(gm: fx.GraphModule, ranks: dict[str, Any], proposer: Proposer) -> fx.
         replace_module(trial, name, built)
     trial.recompile()
     return trial
-
-
-def _calibrated(gm: fx.GraphModule, entries: list[LayerCandidates], total: float, budget: Budget,
-                proposer: Proposer, timer: Any, original: Any, inputs: tuple,
-                rounds: int = 6) -> tuple[Allocation, list[float]]:
-    """Allocate for a timed budget (latency, train_step), checking each allocation against the
-    whole model (`original` is what `timer.models` takes for it).
-
-    Layers timed alone do not add up to the model: onnxruntime fuses neighbours, keeps blocked
-    layouts between convs and schedules differently, and the gap depends on the layer and the
-    input size (on ResNet-18 at 112×112 the isolated timings predicted a 50% latency where the
-    model measured 16%; forward+backward in torch has the same gap). So the allocation is computed for an internal target t (first the real
-    one), its structure is timed as a whole model next to the original (round-robin, placeholder
-    weights: nothing is decomposed yet), and t is moved by the secant method, bracketing the
-    measured fraction around the target, until it is within the tolerance (at most `rounds`
-    timings). The allocation measured closest to the target without exceeding
-    target × (1 + tolerance) is kept; ConfigError when even the cheapest choice measures above
-    that. Returns the allocation and the measured fractions.
-    """
-    target, tol = budget.target, budget.tolerance
-    lowest = {e.name: min(e.candidates, key=lambda c: c.cost) for e in entries}
-    cheapest = Allocation(lowest, total, total - sum(e.cost - lowest[e.name].cost for e in entries), target * total,
-                          sum(c.error ** 2 for c in lowest.values()))
-    floor = cheapest.total_after / total  # the smallest internal target the timings allow
-
-    def allocation_for(t: float) -> Allocation:
-        if t <= floor:
-            return cheapest
-        try:
-            return allocate(entries, total, t, 0.0, unit=budget.kind)
-        except ConfigError:
-            return cheapest
-
-    tried: list[tuple[Allocation, float]] = []
-    below: Optional[tuple[float, float]] = None  # (t, measured) with measured < target
-    above: Optional[tuple[float, float]] = None
-    t = target
-    for _ in range(rounds):
-        allocation = allocation_for(t)
-        ranks = {name: (c.rank if c is not None else None) for name, c in allocation.choice.items()}
-        times = timer.models({"original": original, "trial": _trial(gm, ranks, proposer)}, inputs, min_time=0.5)
-        fraction = times["trial"] / times["original"]
-        tried.append((allocation, fraction))
-        if abs(fraction - target) <= tol * target:
-            break
-        if fraction < target:
-            below = (t, fraction)
-        else:
-            if allocation is cheapest:
-                raise ConfigError(
-                    f"the budget of {target:.1%} of the model's {budget.what} cannot be met: decomposing every "
-                    f"layer this pass may decompose at its cheapest candidate measured {fraction:.1%} of the "
-                    "original. Raise the target, include more layers, or add smaller fractions to "
-                    "Budget(fractions=...)")
-            above = (t, fraction)
-        if below and above:  # secant inside the bracket
-            (t0, f0), (t1, f1) = below, above
-            t = t0 + (target - f0) * (t1 - t0) / (f1 - f0) if f1 > f0 else 0.5 * (t0 + t1)
-            t = min(max(t, min(t0, t1) + 0.1 * abs(t1 - t0)), max(t0, t1) - 0.1 * abs(t1 - t0))
-        else:  # no bracket yet: assume the measured fraction scales with t
-            t = min(0.999, max(floor, t * target / max(fraction, 1e-6)))
-    feasible = [pair for pair in tried if pair[1] <= target * (1.0 + tol)]
-    best = min(feasible or tried, key=lambda pair: abs(pair[1] - target))
-    measured = [f for _, f in tried]
-    if best is not tried[-1]:
-        measured.append(best[1])
-    return best[0], measured

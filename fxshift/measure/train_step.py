@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .onnx.latency import layer_key
-from .onnx.runtime import median_times
+from .latency import layer_key
+from .timing import median_times
 
 __all__ = ["TrainStepTimer", "is_channels_last", "at_batch"]
 

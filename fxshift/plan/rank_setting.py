@@ -6,7 +6,7 @@ A pass's ``rank=`` option is one of
   per mode (:class:`PerMode`) — a per-layer value;
 - a dict from layer name to a per-layer value, or a callable ``(name, module) -> value``; a layer
   the dict does not name, or for which the callable returns None, is left alone;
-- ``fxshift.Budget(...)``: the planner chooses every layer's rank (fxshift.decompose.planner).
+- ``fxshift.Budget(...)``: the planner chooses every layer's rank (fxshift.plan.planner).
 
 :func:`parse_rank` turns a per-layer value into its typed form (typed values pass through), and
 :func:`rank_for_layer` picks a layer's value out of a pass's setting and parses it. What a value

@@ -4,7 +4,7 @@ The candidates come ordered lowest score first; for a Budget the answer is the f
 that bring the model to the target. MACs and parameters are additive over disjoint blocks and
 are summed exactly. Latency (and training-step time) is measured: the original and the model with
 each count of blocks removed are timed round-robin in one run (exported to ONNX and timed in
-onnxruntime by fxshift.onnx.latency; forward+backward in torch by fxshift.step_timer),
+onnxruntime by fxshift.measure.latency; forward+backward in torch by fxshift.measure.train_step),
 so every ratio shares the same machine noise; the smallest count whose measured ratio reaches
 the target wins. (Timing the counts in separate runs on a busy machine gave ratios that did not
 fall with the count.) With Budget.verify (the default) the chosen count is timed again alone
@@ -20,9 +20,9 @@ import torch.fx as fx
 
 from ..context import planning_sync
 from ..costs import parameter_count
-from ..decompose.budget import Budget
+from .budget import Budget
 from ..errors import ConfigError
-from .blocks import Block, remove_blocks
+from ..prune.blocks import Block, remove_blocks
 
 __all__ = ["BlocksSetting", "blocks_to_remove", "measure_removals"]
 
@@ -93,7 +93,7 @@ def measure_removals(gm: fx.GraphModule, order: Sequence[Block], inputs: tuple, 
 
 def _measured_count(gm: fx.GraphModule, order: Sequence[Block], budget: Budget, inputs: tuple, pass_name: str
                     ) -> tuple[int, dict[str, Any]]:
-    from ..step_timer import is_channels_last
+    from ..measure.train_step import is_channels_last
 
     timer = budget.timer(channels_last=is_channels_last(gm))
     measured, onnx = measure_removals(gm, order, inputs, timer)

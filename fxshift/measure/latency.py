@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import export_plain
-from .runtime import default_threads, median_times, session, session_runner
+from ..onnx.export import export_plain
+from ..onnx.sessions import build_session, session_options
+from .timing import default_threads, median_times, session_runner
 
 __all__ = ["LatencyTimer", "layer_key", "layer_onnx", "model_onnx", "clear_cache"]
 
@@ -153,7 +154,7 @@ class LatencyTimer:
 
     def session(self, onnx_bytes: bytes):
         """A plain (no plugin) onnxruntime session of `onnx_bytes` with this timer's threads."""
-        return session(onnx_bytes, plugin=False, threads=self.threads)
+        return build_session(onnx_bytes, session_options(plugin=False, threads=self.threads))
 
     def prepared(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> bytes:
         """What `models` takes for `model`, exported once: its serialized ONNX."""
