@@ -161,3 +161,13 @@ def test_export_pass_int8(tmp_path):
     fxshift.apply([fxshift.ExportOnnxPass(tmp_path / "p.onnx", quantize="int8", calibration=_cal(1))], m, x)
     meta = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "p.onnx")).metadata_props}["fxshift.int8"])
     assert [e["status"] for e in meta] == ["int8"] * 4
+
+
+def test_int8_reference_in_torch_before_export():
+    m, x = _net(), torch.randn(8, 3, 12, 12)
+    ref = fxshift.onnx.int8_reference(m, x[:1], _cal(1))
+    with torch.no_grad():
+        y, r = m(x), ref(x)
+    assert r.shape == y.shape and float((r - y).norm() / y.norm()) < 0.1
+    with pytest.raises(fxshift.ConfigError, match="takes 1 inputs"):
+        ref(x, x)
