@@ -1,4 +1,6 @@
-"""int8 QDQ lowering (fxshift.onnx.export.export_int8 is the entry point): the model lowered to onnxruntime's own int8 kernels (no plugin), shift layers exact.
+"""int8 QDQ lowering: a model on onnxruntime's own int8 kernels (no plugin), shift layers exact.
+
+Entry points: ``fxshift.export_onnx(..., quantize="int8")`` and fxshift.onnx.export.export_int8.
 
 Built on ``onnxruntime.quantization``: the model is exported in float (shift layers as ordinary Conv / Gemm
 whose weights are their ±2^p codes times their per-channel scale, BatchNorms folded in first), then
