@@ -9,7 +9,8 @@ Every criterion turns a filter-level measure into one number per block:
 - ``bn``: the mean |γ| over the channels of the block's BatchNorms.
 - ``taylor``: for each filter Σ(w·∂L/∂w)² over its weights, accumulated over the calibration
   batches (loss ``loss_fn(output, target)``, cross-entropy by default), averaged over the filters.
-- ``imprint``: weight imprinting. The features after the block (global-average-pooled, L2-normed)
+- ``imprint``: weight imprinting. The features after the block (global-average-pooled, tokens of
+  (N, T, C) activations averaged, L2-normed)
   give class means that act as a cosine classifier on the calibration data; the score is that
   classifier's accuracy after the block minus its accuracy on the block's input, i.e. what the
   block adds (accuracy alone grows with depth and would rank every block by its position).
@@ -212,8 +213,11 @@ def _imprint_accuracy(features: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _pooled(value: Any) -> Optional[torch.Tensor]:
+    """(N, C) features: (N, C, H, W) averaged over space, (N, T, C) tokens averaged over T."""
     if not isinstance(value, torch.Tensor) or value.ndim < 2:
         return None
+    if value.ndim == 3:
+        return value.detach().mean(1)
     return value.detach().flatten(2).mean(2) if value.ndim > 2 else value.detach()
 
 
