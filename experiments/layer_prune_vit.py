@@ -20,7 +20,7 @@ Steps, one seed:
 
 Writes experiments/results/layer_prune_vit.{md,json}. Needs torch-pruning (``pip install -e .[experiment]``).
 
-    python experiments/layer_prune_vit.py           # default size, about 30 min on a shared 2-core machine
+    python experiments/layer_prune_vit.py           # default size: 29 min on a shared 2-core machine (load 5-8)
     python experiments/layer_prune_vit.py --quick   # a smoke run, about 2 minutes
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=10000, help="training images (first N of the 60k)")
     p.add_argument("--test", type=int, default=5000, help="test images (first N of the 10k)")
-    p.add_argument("--epochs", type=int, default=6)  # about 84% on the 10k
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--finetune", type=int, default=1)
     p.add_argument("--finetune-images", type=int, default=4000, help="training images each fine-tune sees per epoch")
     p.add_argument("--dim", type=int, default=64)
