@@ -99,3 +99,18 @@ def test_vit_influence_on_calibration_data():
     pruned = sorted(r["score"] for r in rows if r["action"] == "pruned")
     kept = sorted(r["score"] for r in rows if r["action"] == "kept")
     assert len(pruned) == 2 and pruned[-1] <= kept[0]
+
+
+def test_vit_and_convnext_iterative_pruning_save_and_load(tmp_path):
+    for name, kwargs in (("vit_tiny_patch16_224", {"img_size": 32, "depth": 3}), ("convnext_atto", {})):
+        def build():
+            torch.manual_seed(0)
+            return timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        gm = fxshift.apply([LayerPrunePass(blocks=1), LayerPrunePass(blocks=2)], build(), x)
+        fxshift.save(gm, tmp_path / f"{name}.pt")
+        loaded = fxshift.load(build(), tmp_path / f"{name}.pt", x)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), gm(x), atol=1e-5, rtol=1e-5)
+        assert fxshift.parameter_count(loaded) == fxshift.parameter_count(gm) < fxshift.parameter_count(build())
