@@ -260,7 +260,9 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"model, units scored on "
         f"{a['calibration']} training images. Latency: onnxruntime CPU, 1 thread, batch {a['latency_batch']}, every "
         f"model timed round-robin in one run (median), over the original. Shared 2-core machine, load average "
-        f"{result['loadavg_timing'][0]:.2f} / {result['loadavg_timing'][1]:.2f} (1 / 5 min) while timing.",
+        f"{result['loadavg_timing'][0]:.2f} / {result['loadavg_timing'][1]:.2f} (1 / 5 min) while timing. "
+        "Unit names: blocks.k is layer k's attention unit, blocks.k#1 its MLP unit. Models that removed the same "
+        "units are one model, fine-tuned and timed once.",
         "",
         "| method | units removed | latency ratio | accuracy % after fine-tune | before fine-tune | MACs | params | removed / ratio |",
         "|---|---|---|---|---|---|---|---|",
