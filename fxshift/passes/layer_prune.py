@@ -116,7 +116,8 @@ class LayerPrunePass(PassBase):
         for block in found:
             params, macs = cost.get(block.name) or self._cost(gm, block, node_macs)
             row = ReportRow(layer=block.name, pass_name=name, action="kept", params_before=params, params_after=params,
-                            macs_before=macs, macs_after=macs, extra={"score": score.get(block.name), "layers": list(block.modules)})
+                            macs_before=macs, macs_after=macs,
+                            extra={"score": score.get(block.name), "layers": list(block.modules)})
             if block.name in chosen:
                 row.action, row.params_after, row.macs_after = "pruned", 0, 0
                 row.reason = f"{block.kind} block, score rank {rank[block.name]} of {len(order)} (lowest first)"
