@@ -36,9 +36,9 @@ __all__ = ["Block", "Rejected", "find_blocks", "node_shapes", "profile_nodes", "
            "replay_removals",
            "block_modules", "exclusive_modules"]
 
-_ADDS = {operator.add, operator.iadd, torch.add}
+_ADDS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor}  # aten: torch.export captures
 _ADD_METHODS = {"add", "add_"}
-_CATS = {torch.cat, torch.concat, torch.concatenate} if hasattr(torch, "concatenate") else {torch.cat, torch.concat}
+_CATS = ({torch.cat, torch.concat, torch.concatenate} if hasattr(torch, "concatenate") else {torch.cat, torch.concat}) | {torch.ops.aten.cat.default}
 
 
 @dataclass
@@ -85,7 +85,9 @@ def _scope(node: fx.Node) -> Optional[str]:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
-    return str(list(stack.keys())[-1]).split("@")[0]
+    value = list(stack.values())[-1]  # (path, type); torch.export's keys are "L__self__..." ids, not paths
+    path = value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else list(stack.keys())[-1]
+    return str(path).split("@")[0]
 
 
 def _common_prefix(names: Iterable[str]) -> str:
