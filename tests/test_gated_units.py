@@ -261,3 +261,46 @@ def test_set_gating_errors():
 def test_unit_rejects_grouped_conv():
     with pytest.raises(ConfigError, match="ungrouped"):
         GatedConv2d(nn.Conv2d(4, 4, 3, groups=4))
+
+
+def test_mask_loss_weight_cooldown():
+    from fxshift.train import mask_loss_weight
+
+    assert [mask_loss_weight(s, 10, 0.5) for s in range(10)] == [0.5] * 5 + [0.0] * 5     # FTWT: second half off
+    assert [mask_loss_weight(s, 4, 2.0, cooldown=0.25) for s in range(4)] == [2.0, 2.0, 2.0, 0.0]
+    assert mask_loss_weight(99, 100, 1.0, cooldown=0.0) == 1.0
+    with pytest.raises(ConfigError, match="cooldown"):
+        mask_loss_weight(0, 10, cooldown=1.0)
+
+
+def test_recalibrate_batchnorm_under_predicted_masks():
+    """The second unit's BatchNorm statistics are those of its conv over the first unit's masked output."""
+    from fxshift.train import recalibrate_batchnorm
+
+    u1, u2 = two_units(train_mask="none")
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u1, self.u2 = u1, u2
+
+        def forward(self, x):
+            return self.u2(self.u1(x)[0])[0]
+
+    chain = Chain().eval()
+    recalibrate_batchnorm(chain, [(x, None)])
+    assert not chain.training and not u1.bn.training and u1.train_mask == "none" and u1.bn.momentum == 0.1
+    with torch.no_grad():
+        c1 = u1.conv(x)
+        y1 = torch.relu((c1 - c1.mean((0, 2, 3))[:, None, None]) / torch.sqrt(c1.var((0, 2, 3), unbiased=False)
+                                                                              + u1.bn.eps)[:, None, None]
+                        * u1.bn.weight[:, None, None] + u1.bn.bias[:, None, None])
+        keep = u1.logits(x) > 0
+        assert 0 < keep.sum() < keep.numel()
+        c2 = u2.conv(y1 * keep[:, :, None, None])
+    assert torch.allclose(u1.bn.running_mean, c1.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(u2.bn.running_mean, c2.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(u2.bn.running_var, c2.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="no batches"):
+        recalibrate_batchnorm(chain, [])
