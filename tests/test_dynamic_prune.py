@@ -396,3 +396,47 @@ def test_timm_models(name, with_norm, with_act, macs_bound):
     assert rel(skip, mask) < 1e-5 and mask.abs().sum() > 0
     macs = fxshift.dynamic_macs(gm, x)
     assert (macs < macs_bound * fxshift.macs(model, x[:1])).all()
+
+
+class _NormAct(nn.BatchNorm2d):
+    """A norm + activation module written the way timm's BatchNormAct2d is: tracing goes through it and
+    leaves F.batch_norm over its tensors, then its drop (nn.Identity) and its activation."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                     self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+def norm_act_cnn():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _NormAct(8), nn.Conv2d(8, 16, 3, padding=1), _NormAct(16),
+                          nn.Conv2d(16, 16, 3, padding=1, bias=False), _NormAct(16), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 4))
+    torch.manual_seed(0)
+    return randomize_norms(model)
+
+
+def test_norm_act_module_joins_unit_and_roundtrips(tmp_path):
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    model = norm_act_cnn()
+    gm = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.5), model, x[:1])
+    units = gated_units(gm)
+    assert [(u.bn_layer, u.act_name, type(u.bn)) for _, u in units] == [("3", "relu", nn.BatchNorm2d),
+                                                                          ("5", "relu", nn.BatchNorm2d)]
+    for _, unit in units:
+        unit.top_k = unit.out_channels
+    with torch.no_grad():
+        assert rel(gm(x), model(x)) < 1e-5          # the rebuilt BatchNorm is the module's
+    for _, unit in units:
+        unit.top_k = unit.out_channels // 2
+    randomize(gm)
+    fxshift.save(gm, tmp_path / "n.pt")
+    back = fxshift.load(norm_act_cnn(), tmp_path / "n.pt", x[:1]).eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), gm(x))
+    skip, mask = skip_and_mask(back, x)
+    assert rel(skip, mask) < 1e-5
