@@ -21,7 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from fxshift.onnx import (PluginNotFound, compare_in_onnxruntime, export_onnx, library_path,  # noqa: E402
                           plugin_available, session, session_options)
-from fxshift.onnx import runtime  # noqa: E402
+from fxshift.onnx import runtime, sessions  # noqa: E402
 
 from conftest import build_torchvision  # noqa: E402
 
@@ -49,7 +49,7 @@ def test_library_path_and_env_override(tmp_path, monkeypatch):
 
 
 def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
-    monkeypatch.setattr(runtime, "find_library", lambda stem: (None, [str(tmp_path / "libfxshift_ort.so")]))
+    monkeypatch.setattr(sessions, "find_library", lambda stem: (None, [str(tmp_path / "libfxshift_ort.so")]))
     assert library_path(required=False) is None and not plugin_available()
     with pytest.raises(PluginNotFound, match="fetch_ort_headers"):
         library_path()
