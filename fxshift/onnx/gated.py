@@ -39,11 +39,11 @@ def translation_table() -> dict:
                                        op.Constant(value_float=1.0)))
         return y
 
-    def gated_conv2d(x, in_idx, weight, scale, shift, predictor_weight, predictor_bias, stride, padding, dilation,
+    def gated_conv2d(x, in_idx, weight, scale, shift, predictor_weight_t, predictor_bias, stride, padding, dilation,
                      act, k=0):
         pooled = op.ReduceMean(x, op.Constant(value_ints=[2, 3]), keepdims=0)                 # (1, C_in active)
-        pw = predictor_weight if in_idx is None else op.Gather(predictor_weight, in_idx, axis=1)
-        logits = op.Add(op.MatMul(pooled, op.Transpose(pw, perm=[1, 0])), predictor_bias)  # (1, C_out)
+        pw = predictor_weight_t if in_idx is None else op.Gather(predictor_weight_t, in_idx, axis=0)  # (C_in', C_out)
+        logits = op.Add(op.MatMul(pooled, pw), predictor_bias)                             # (1, C_out)
         if k > 0:      # target "uniform": exactly the k highest logits
             _, top_idx = op.TopK(logits, op.Constant(value_ints=[int(k)]), axis=1, largest=1, sorted=0)
             idx = op.Reshape(top_idx, op.Constant(value_ints=[-1]))

@@ -68,15 +68,15 @@ def skip_conv(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Ten
 
 @torch.library.custom_op("fxshift::gated_conv2d", mutates_args=())
 def _gated_conv2d(x: torch.Tensor, in_idx: Optional[torch.Tensor], weight: torch.Tensor, scale: Optional[torch.Tensor],
-                  shift: torch.Tensor, predictor_weight: torch.Tensor, predictor_bias: torch.Tensor, stride: list[int],
+                  shift: torch.Tensor, predictor_weight_t: torch.Tensor, predictor_bias: torch.Tensor, stride: list[int],
                   padding: list[int], dilation: list[int], act: str, k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    y, idx, _ = skip_conv(x, in_idx, weight, scale, shift, predictor_weight, predictor_bias, stride, padding,
+    y, idx, _ = skip_conv(x, in_idx, weight, scale, shift, predictor_weight_t.t(), predictor_bias, stride, padding,
                           dilation, act, k)
     return y, idx
 
 
 @_gated_conv2d.register_fake
-def _(x, in_idx, weight, scale, shift, predictor_weight, predictor_bias, stride, padding, dilation, act, k=0):
+def _(x, in_idx, weight, scale, shift, predictor_weight_t, predictor_bias, stride, padding, dilation, act, k=0):
     if k > 0 and x.shape[0] == 1:     # exactly k filters: a static channel count
         active = min(k, weight.shape[0])
     else:
@@ -99,11 +99,13 @@ def _(y, idx, channels):
 def gated_conv2d(unit, x: torch.Tensor, in_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """A GatedConv2d's skip-mode forward as one fxshift::gated_conv2d call. The BN scale goes into the
     weight here, on parameters only (constant-folded by onnxruntime when the session loads), so the
-    exported graph does not multiply the gathered weight rows by it at every inference."""
+    exported graph does not multiply the gathered weight rows by it at every inference; the predictor
+    weight goes in transposed, (C_in, C_out), so that selecting the active input channels gathers
+    contiguous rows (a column gather copies one float at a time) and the MatMul needs no Transpose."""
     scale, shift = unit.affine()
     conv = unit.conv
     weight = conv.weight if scale is None else conv.weight * scale.view(-1, 1, 1, 1)
-    return torch.ops.fxshift.gated_conv2d(x, in_idx, weight, None, shift, unit.predictor.weight.flatten(1),
+    return torch.ops.fxshift.gated_conv2d(x, in_idx, weight, None, shift, unit.predictor.weight.flatten(1).t(),
                                           unit.predictor.bias, list(conv.stride), list(conv.padding),
                                           list(conv.dilation), unit.act_name, unit.top_k)
 
