@@ -22,7 +22,7 @@ from .nn.base import STRUCTURES
 from .context import record_removed_blocks, removed_blocks_of, set_report
 from .graph import replace_module
 from .prune.gated_graph import rebuild_units, unit_recipe
-from .prune.blocks import block_from_dict, remove_blocks
+from .prune.blocks import replay_removals
 from .report import Report
 from .trace import LeafSpec, trace
 
@@ -94,15 +94,11 @@ def remove_recorded_blocks(gm: fx.GraphModule, removed: list[dict[str, Any]]) ->
     """Take out of a freshly traced model the blocks a recipe lists as removed, in order."""
     if not isinstance(removed, list):
         raise RecipeError(f"recipe 'removed' must be a list of blocks, got {type(removed).__name__}")
-    blocks = []
-    for entry in removed:
-        try:
-            blocks.append(block_from_dict(gm, entry))
-        except (ValueError, TypeError, AttributeError) as exc:
-            name = entry.get("block") if isinstance(entry, dict) else entry
-            raise RecipeError(f"recipe removes block {name!r}, which does not fit this model ({exc}); load the "
-                              "checkpoint into the architecture it was saved from, traced the same way") from None
-    remove_blocks(gm, blocks)
+    try:
+        replay_removals(gm, removed)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise RecipeError(f"recipe removes a block which does not fit this model ({exc}); load the "
+                          "checkpoint into the architecture it was saved from, traced the same way") from None
     record_removed_blocks(gm, removed)
 
 

@@ -43,13 +43,16 @@ class LayerPrunePass(PassBase):
 
     Args:
         blocks: an int (how many blocks to remove), a float in (0, 1) (that fraction of the
-            candidates, rounded), or ``fxshift.Budget(macs=r)`` / ``Budget(params=r)`` /
+            candidates, rounded, at least 1), or ``fxshift.Budget(macs=r)`` / ``Budget(params=r)`` /
             ``Budget(latency=r)``: the fewest blocks, lowest score first, that bring the whole
             model to the fraction r of its cost (latency measured in onnxruntime, each candidate
             model timed round-robin against the original).
-        criterion: "l1", "l2", "bn", "taylor", "imprint", "ensemble" (all five), or a list of
-            names (an ensemble of those: the sum of per-criterion ranks).
-        calibration: an iterable of (inputs, targets) batches, needed by "taylor" and "imprint".
+        criterion: "l1" (default: works on every block, each has a conv or linear layer), "l2",
+            "bn", "taylor", "imprint", "influence" (ShortGPT block influence, for transformers),
+            "ensemble" (the paper's five), or a list of names (an ensemble of those: the sum of
+            per-criterion ranks).
+        calibration: an iterable of (inputs, targets) batches, needed by "taylor", "imprint" and
+            "influence" (which takes bare input batches too).
         loss_fn: ``loss_fn(output, target)`` for "taylor" (default cross-entropy).
         include, exclude: name patterns (``"layer3.*"``) or module types choosing the blocks.
 
@@ -76,7 +79,7 @@ class LayerPrunePass(PassBase):
         if needs_data and calibration is None:
             raise ConfigError(f"LayerPrunePass(criterion={criterion!r}): {', '.join(needs_data)} needs calibration "
                               "data: give calibration=[(inputs, targets), ...] (e.g. a DataLoader over training "
-                              "data), or use 'l1', 'l2' or 'bn'")
+                              "data), or use 'l1' or 'l2'")
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError(f"LayerPrunePass(loss_fn={loss_fn!r}): give a callable loss_fn(output, target)")
         self.calibration = calibration

@@ -46,8 +46,8 @@ def blocks_to_remove(gm: fx.GraphModule, order: Sequence[Block], setting: Blocks
             raise ConfigError(f"{pass_name}(blocks={setting}): the model has only {n} removable blocks "
                               f"({', '.join(b.name for b in order)}); ask for at most {n}, or a fraction")
         return setting, None
-    if isinstance(setting, float):
-        return int(round(setting * n)), None
+    if isinstance(setting, float):  # a fraction that rounds to 0 still removes one block
+        return max(1, int(round(setting * n))), None
     budget = setting
     if budget.measured:
         sync = planning_sync()

@@ -2,12 +2,15 @@
 
 Two patterns make a block removable (LayerPrune, docs/methods.md §8):
 
-- **residual**: a node ``add(branch(x), x)`` whose branch is computed from ``x`` alone (every
-  input of a branch node is ``x``, another branch node, a constant or a parameter) and used only
-  by the add. Removing it rewires the add's users to ``x``. With shapes known, ``x`` and the add's
-  output must have the same shape (an identity shortcut).
+- **residual**: a node ``add(branch(x), x)`` whose branch is computed from ``x`` (it reads no value
+  computed before ``x``; it may read parameters, constants and extra graph inputs such as an
+  attention mask), holds at least one weight layer (conv or linear), and whose values are used only
+  by the add (dead nodes hanging off it, such as timm's ``x.ndim == 4`` asserts or unused shape
+  reads, go with it). The shortcut may pass through ``nn.Identity`` (timm's ConvNeXt, RegNetY).
+  Removing it rewires the add's users to ``x``. With shapes known, ``x`` and the add's output must
+  have the same shape (an identity shortcut).
 - **chain**: in a single-path part of the network (no node of it feeds or is fed by a residual
-  branch or shortcut), a run of nodes from one ``nn.Conv2d`` (groups = 1) towards the next, each the
+  branch or shortcut), a run of nodes from one ``nn.Conv2d`` (groups = 1) or decomposed conv towards the next weight layer, each the
   only user of the one before; the block is the longest prefix of the run whose output has the
   shape of the conv's input (VGG-style conv-BN-ReLU with equal channels and stride 1). Removing it
   rewires its users to the conv's input.
@@ -27,7 +30,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..nn.base import DecomposedLayer
+
 __all__ = ["Block", "Rejected", "find_blocks", "node_shapes", "profile_nodes", "remove_block", "remove_blocks", "block_from_dict",
+           "replay_removals",
            "block_modules", "exclusive_modules"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -95,47 +101,29 @@ def _common_prefix(names: Iterable[str]) -> str:
 
 
 def _modules_of(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[str]:
+    """The modules the nodes call, and the conv/linear layers whose weights they read directly."""
     seen: list[str] = []
     for n in nodes:
-        if n.op == "call_module" and n.target not in seen:
-            seen.append(str(n.target))
+        name = str(n.target) if n.op == "call_module" else _param_layer(gm, n)
+        if name is not None and name not in seen:
+            seen.append(name)
     return seen
 
 
-def _branch(x: fx.Node, start: fx.Node, stop: fx.Node) -> tuple[Optional[list[fx.Node]], str]:
-    """The nodes computing `start` from `x` alone (topologically ordered), or None and why not."""
-    if start is x:
-        return None, "both inputs of the add are the same value"
-    found: dict[fx.Node, None] = {}
-    todo = [start]
-    while todo:
-        n = todo.pop()
-        if n in found or n is x:
-            continue
-        if n.op == "placeholder":
-            return None, "its branch does not start from the shortcut (projection shortcut or another input)"
-        if n.op == "get_attr" or (n.op != "output" and not n.all_input_nodes and n.op != "placeholder"):
-            found[n] = None  # parameters and constants belong to the branch
-            continue
-        found[n] = None
-        todo.extend(_node_inputs(n))
-    # every branch node must reach x (else it is a separate input path, e.g. a projection shortcut)
-    reaches: dict[fx.Node, bool] = {}
-    order = [n for n in x.graph.nodes if n in found]
-    for n in order:
-        ins = _node_inputs(n)
-        reaches[n] = any(i is x or reaches.get(i, False) for i in ins)
-    if not reaches.get(start, False):
-        return None, "its branch does not start from the shortcut (projection shortcut)"
-    for n in order:
-        if n.op in ("get_attr",) or not _node_inputs(n):
-            continue
-        if not reaches[n]:
-            return None, f"its branch reads {n.name}, which is not computed from the shortcut"
-        for user in n.users:
-            if user is not stop and user not in found:
-                return None, f"a value inside its branch ({n.name}) is also used outside it ({user.name})"
-    return order, ""
+def _param_layer(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """For a get_attr of a layer's weight (a parameter named *weight with 2 or more dims, read
+    directly: timm's StdConv2d runs F.conv2d on its standardized weight), that layer's name.
+    (Tracing keeps only the attributes the graph reads, in plain Modules, so the type is gone.)"""
+    if node.op != "get_attr":
+        return None
+    owner, _, attr = str(node.target).rpartition(".")
+    if not owner or not attr.endswith("weight"):
+        return None
+    module = gm.get_submodule(owner)
+    value = dict(module.named_parameters(recurse=False)).get(attr)
+    if value is None or value.ndim < 2 or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return None
+    return owner
 
 
 def profile_nodes(gm: fx.GraphModule, example_inputs: tuple
@@ -187,15 +175,114 @@ def node_shapes(gm: fx.GraphModule, example_inputs: tuple) -> dict[str, tuple[in
     return profile_nodes(gm, example_inputs)[0]
 
 
-def _residual(gm: fx.GraphModule, add: fx.Node, shapes: Optional[dict]) -> tuple[Optional[Block], str]:
+def _is_weight_layer(module: nn.Module) -> bool:
+    """A layer that transforms with a weight matrix or kernel (a parameter of 2 or more dims:
+    convolutions, linear layers, fxshift's decomposed chains); embeddings (lookups) are not."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return False
+    return any(p.ndim >= 2 for p in module.parameters())
+
+
+def _weight_nodes(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """The nodes that apply a weight layer: a call_module of one, or a get_attr of a conv or
+    linear layer's parameter (functional convs such as timm's StdConv2d)."""
+    return [n for n in nodes if (n.op == "call_module" and _is_weight_layer(gm.get_submodule(n.target)))
+            or _param_layer(gm, n) is not None]
+
+
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value reaches the graph's output (the others are dead: asserts, unused shape reads)."""
+    live: set[fx.Node] = set()
+    for n in reversed(list(graph.nodes)):
+        if n.op == "output" or any(u in live for u in n.users):
+            live.add(n)
+    return live
+
+
+def _descendants(x: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(x.users)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.users)
+    return seen
+
+
+def _through_identity(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Follow a shortcut through nn.Identity modules used only on it (timm's ConvNeXt, RegNetY):
+    the value it carries and the identity nodes passed."""
+    passed = []
+    while (node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity
+           and len(node.all_input_nodes) == 1 and len(node.users) == 1):
+        passed.append(node)
+        node = node.all_input_nodes[0]
+    return node, passed
+
+
+def _branch(x: fx.Node, start: fx.Node, stop: fx.Node, live: set[fx.Node]
+            ) -> tuple[Optional[list[fx.Node]], str, int]:
+    """The nodes removed with the branch computing `start` from `x` (graph order), or None, why
+    not, and how far the match got (0: `start` is not computed from `x`; 1: it is, but the branch
+    cannot be cut out). Besides `x` the branch may read other values (parameters, constants, extra
+    graph inputs such as an attention mask): those used only inside it are removed with it, the
+    others kept. Dead nodes hanging off the branch (shape asserts, unused shape reads) are removed
+    with it."""
+    if start is x:
+        return None, "both inputs of the add are the same value", 0
+    found: dict[fx.Node, None] = {}
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        if n in found or n is x:
+            continue
+        found[n] = None
+        todo.extend(n.all_input_nodes)
+    order = [n for n in x.graph.nodes if n in found]
+    reaches: dict[fx.Node, bool] = {}
+    for n in order:
+        reaches[n] = any(i is x or reaches.get(i, False) for i in n.all_input_nodes)
+    if not reaches[start]:
+        return None, (f"it adds {start.name}, which is not computed from {x.name}: a projection shortcut, "
+                      "or a constant, parameter or other input added"), 0
+    inner = [n for n in order if reaches[n]]
+    dead: dict[fx.Node, None] = {}
+    for n in inner:
+        for user in n.users:
+            if user is stop or user in found:
+                continue
+            if user in live:
+                return None, (f"a value inside its branch ({n.name}) is also used outside it ({user.name})"), 1
+            todo = [user]
+            while todo:
+                d = todo.pop()
+                if d not in dead:
+                    dead[d] = None
+                    todo.extend(d.users)
+    keep = set(inner) | set(dead)
+    side = [n for n in order if not reaches[n]]
+    for n in reversed(side):  # side values used only inside the branch go with it
+        if all(u in keep or u is stop for u in n.users):
+            keep.add(n)
+    return [n for n in x.graph.nodes if n in keep], "", 1
+
+
+def _residual(gm: fx.GraphModule, add: fx.Node, shapes: Optional[dict], live: set[fx.Node]
+              ) -> tuple[Optional[Block], str]:
     operands = [a for a in add.args if isinstance(a, fx.Node)]
     if len(operands) != 2 or add.kwargs.get("alpha", 1) != 1:
         return None, "not a plain two-operand add"
-    reasons = []
-    for x, start in (operands[::-1], operands):  # prefer add(branch(x), x), then add(x, branch(x))
-        branch, why = _branch(x, start, add)
+    failures: list[tuple[int, str]] = []
+    for shortcut, start in (operands[::-1], operands):  # prefer add(branch(x), x), then add(x, branch(x))
+        x, passed = _through_identity(gm, shortcut)
+        branch, why, stage = _branch(x, start, add, live)
         if branch is None:
-            reasons.append(why)
+            failures.append((stage, why))
+            continue
+        if not _weight_nodes(gm, branch):
+            failures.append((2, "its branch has no weight layer (e.g. the add inside GELU-tanh, or an "
+                                "elementwise formula): not a residual unit"))
             continue
         if shapes is not None and (x.name not in shapes or shapes.get(x.name) != shapes.get(add.name)):
             return None, (f"it changes the shape ({shapes.get(x.name)} -> {shapes.get(add.name)}): "
@@ -203,13 +290,14 @@ def _residual(gm: fx.GraphModule, add: fx.Node, shapes: Optional[dict]) -> tuple
         if shapes is not None and shapes.get(start.name) != shapes.get(x.name):
             return None, (f"its branch gives {shapes.get(start.name)}, broadcast onto the shortcut's "
                           f"{shapes.get(x.name)}: not a residual unit")
-        nodes = [n for n in branch if n.op != "get_attr"] + [add]
+        inside = set(branch) | set(passed)
+        nodes = [n for n in gm.graph.nodes if n in inside and n is not add] + [add]
         modules = _modules_of(gm, nodes)
         scope = _scope(add)
-        if not scope or scope == "":
+        if not scope:
             scope = _common_prefix(modules) or add.name
-        return Block(scope, "residual", x.name, add.name, [n.name for n in branch] + [add.name], modules), ""
-    return None, min(reasons, key=len) if reasons else "no identity shortcut"
+        return Block(scope, "residual", x.name, add.name, [n.name for n in nodes], modules), ""
+    return None, max(failures, key=lambda f: f[0])[1] if failures else "no identity shortcut"
 
 
 def _on_every_path(graph: fx.Graph) -> set[fx.Node]:
@@ -250,8 +338,8 @@ def _chain(gm: fx.GraphModule, conv: fx.Node, shapes: dict, busy: set) -> Option
         nxt = users[0]
         if nxt.op in ("output", "placeholder") or nxt in busy or _node_inputs(nxt) != [node]:
             break
-        if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), nn.Conv2d):
-            break
+        if nxt.op == "call_module" and _is_weight_layer(gm.get_submodule(nxt.target)):
+            break  # the next conv (fxshift's decomposed chains included) starts the next block
         run.append(nxt)
         node = nxt
     if best is None:
@@ -271,6 +359,7 @@ def find_blocks(gm: fx.GraphModule, shapes: Optional[dict[str, tuple[int, ...]]]
     """
     found: list[tuple[fx.Node, Block]] = []
     rejected: list[Rejected] = []
+    live = _live(gm.graph)
     for node in gm.graph.nodes:
         if _is_cat(node):
             rejected.append(Rejected(_scope(node) or node.name, "concatenation (DenseNet-style): removing a "
@@ -278,7 +367,7 @@ def find_blocks(gm: fx.GraphModule, shapes: Optional[dict[str, tuple[int, ...]]]
             continue
         if not _is_add(node):
             continue
-        block, why = _residual(gm, node, shapes)
+        block, why = _residual(gm, node, shapes, live)
         operands = [a for a in node.args if isinstance(a, fx.Node)]
         if block is None:
             if any(isinstance(a, fx.Node) for a in node.args) and len(operands) == 2:
@@ -301,7 +390,7 @@ def find_blocks(gm: fx.GraphModule, shapes: Optional[dict[str, tuple[int, ...]]]
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 module = gm.get_submodule(node.target)
-                if type(module) is nn.Conv2d and module.groups == 1:
+                if (type(module) is nn.Conv2d and module.groups == 1) or isinstance(module, DecomposedLayer):
                     block = _chain(gm, node, shapes, busy)
                     if block is not None:
                         blocks.append(block)
@@ -344,16 +433,37 @@ def block_from_dict(gm: fx.GraphModule, entry: dict[str, Any]) -> Block:
     if missing or not names or output != names[-1]:
         raise ValueError(f"nodes {missing or names} do not form a block of this graph")
     inside = set(names)
+    after = _descendants(nodes[source])
     for name in names:
         node = nodes[name]
         for i in node.all_input_nodes:
-            if i.name not in inside and i.name != source and i.op != "get_attr":
-                raise ValueError(f"node {name} reads {i.name}, which is outside the block")
+            if i.name not in inside and i.name != source and i in after:
+                raise ValueError(f"node {name} reads {i.name}, which is computed from {source} outside the block")
         if name != output and any(u.name not in inside for u in node.users):
             raise ValueError(f"node {name} is used outside the block")
     block = Block(str(entry.get("block")), str(entry.get("kind")), source, output, names)
     block.modules = _modules_of(gm, [nodes[n] for n in names])
     return block
+
+
+def replay_removals(gm: fx.GraphModule, entries: Iterable[dict[str, Any]]) -> None:
+    """Remove recorded blocks (see Block.to_dict) from a freshly traced `gm` in the order they were
+    removed, each checked against the graph as the removals before it left it (block_from_dict),
+    so that iterative pruning (several passes, each removing blocks of the last one's result)
+    replays. Raises ValueError naming the first block that does not fit. The caller recompiles."""
+    alias: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError(f"recipe entry {entry!r} is not a block")
+        source = entry.get("input")
+        while source in alias:
+            source = alias[source]
+        try:
+            block = block_from_dict(gm, {**entry, "input": source})
+        except ValueError as exc:
+            raise ValueError(f"block {entry.get('block')!r}: {exc}") from None
+        remove_block(gm, block)
+        alias[block.output] = block.input
 
 
 def remove_blocks(gm: fx.GraphModule, blocks: Iterable[Block]) -> None:

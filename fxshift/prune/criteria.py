@@ -2,18 +2,24 @@
 
 Every criterion turns a filter-level measure into one number per block:
 
-- ``l1`` / ``l2``: the mean, over the filters of every Conv2d in the block (fxshift's decomposed
-  chains included), of the filter's mean absolute weight ‖f‖₁/n or root-mean-square weight
-  ‖f‖₂/√n (n = the filter's size, so that convs of different fan-in compare).
+- ``l1`` / ``l2``: the mean, over the filters of every weight layer in the block (convolutions and
+  linear layers, fxshift's decomposed chains included; a filter is one output channel of a conv,
+  one row of a weight matrix), of the filter's mean absolute weight ‖f‖₁/n or root-mean-square
+  weight ‖f‖₂/√n (n = the filter's size, so that layers of different fan-in compare).
 - ``bn``: the mean |γ| over the channels of the block's BatchNorms.
-- ``taylor``: for each conv filter Σ(w·∂L/∂w)² over its weights, accumulated over the calibration
+- ``taylor``: for each filter Σ(w·∂L/∂w)² over its weights, accumulated over the calibration
   batches (loss ``loss_fn(output, target)``, cross-entropy by default), averaged over the filters.
-- ``imprint``: weight imprinting. The features after the block (global-average-pooled, L2-normed)
+- ``imprint``: weight imprinting. The features after the block (global-average-pooled, tokens of
+  (N, T, C) activations averaged, L2-normed)
   give class means that act as a cosine classifier on the calibration data; the score is that
   classifier's accuracy after the block minus its accuracy on the block's input, i.e. what the
   block adds (accuracy alone grows with depth and would rank every block by its position).
+- ``influence``: block influence (ShortGPT, Men et al. 2024): 1 − the mean cosine similarity of
+  the block's input and output on the calibration data, per token over the channels for (N, T, C)
+  activations (transformers), per sample over the whole activation otherwise. A block that barely
+  changes its input scores low. Targets are not needed (batches may be bare inputs).
 - ``ensemble``: the sum over criteria of each block's rank (0 = least important, ties averaged);
-  ``"ensemble"`` means all five criteria, a list of names an ensemble of those.
+  ``"ensemble"`` means the paper's five (l1, l2, bn, taylor, imprint), a list of names an ensemble of those.
 
 Scoring never changes the model: weights, gradients and BatchNorm statistics stay as they were
 (the data-driven criteria run in eval mode and take gradients with torch.autograd.grad).
@@ -38,7 +44,7 @@ Criterion = Callable[..., list[float]]
 #: criterion name -> function(gm, blocks, calibration, loss_fn) -> one score per block.
 CRITERIA: dict[str, Criterion] = {}
 #: criteria that need calibration batches.
-DATA_DRIVEN = frozenset({"taylor", "imprint"})
+DATA_DRIVEN = frozenset({"taylor", "imprint", "influence"})
 #: what criterion="ensemble" combines.
 ENSEMBLE = ("l1", "l2", "bn", "taylor", "imprint")
 
@@ -77,20 +83,29 @@ def _modules(gm: fx.GraphModule, block: Block, types: tuple[type, ...]) -> list[
     return out
 
 
-def _convs(gm: fx.GraphModule, block: Block) -> list[nn.Conv2d]:
-    convs = _modules(gm, block, (nn.Conv2d,))
-    if not convs:
-        raise ConfigError(f"block {block.name!r} has no Conv2d to score: use criterion='bn' or 'imprint', "
-                          "or exclude the block")
-    return convs
+def _weights(gm: fx.GraphModule, block: Block) -> list[torch.Tensor]:
+    """The weight matrices and kernels of the block's layers (parameters named *weight with 2 or
+    more dims; embeddings excluded), each once."""
+    out: list[torch.Tensor] = []
+    for name in block.modules:
+        for m in gm.get_submodule(name).modules():
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                if pname.endswith("weight") and p.ndim >= 2 and all(p is not o for o in out):
+                    out.append(p)
+    if not out:
+        raise ConfigError(f"block {block.name!r} has no weight layer (conv or linear) to score: use "
+                          "criterion='influence' or 'imprint', or exclude the block")
+    return out
 
 
 def _filter_norm_score(gm: fx.GraphModule, blocks: Sequence[Block], p: int) -> list[float]:
     scores = []
     for block in blocks:
         per_filter = []
-        for conv in _convs(gm, block):
-            w = conv.weight.detach().flatten(1).float()
+        for weight in _weights(gm, block):
+            w = weight.detach().flatten(1).float()
             n = w.shape[1]
             per_filter.append(w.abs().mean(1) if p == 1 else w.pow(2).sum(1).div(n).sqrt())
         scores.append(torch.cat(per_filter).mean().item())
@@ -100,14 +115,14 @@ def _filter_norm_score(gm: fx.GraphModule, blocks: Sequence[Block], p: int) -> l
 @_register("l1")
 def l1_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calibration = None,
              loss_fn: Any = None) -> list[float]:
-    """Mean over the block's conv filters of their mean absolute weight."""
+    """Mean over the block's filters (conv output channels, weight-matrix rows) of their mean absolute weight."""
     return _filter_norm_score(gm, blocks, 1)
 
 
 @_register("l2")
 def l2_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calibration = None,
              loss_fn: Any = None) -> list[float]:
-    """Mean over the block's conv filters of their root-mean-square weight."""
+    """Mean over the block's filters (conv output channels, weight-matrix rows) of their root-mean-square weight."""
     return _filter_norm_score(gm, blocks, 2)
 
 
@@ -120,7 +135,7 @@ def bn_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calibrati
         norms = [m for m in _modules(gm, block, (nn.modules.batchnorm._BatchNorm,)) if m.weight is not None]
         if not norms:
             raise ConfigError(f"block {block.name!r} has no affine BatchNorm, so criterion 'bn' cannot score it: "
-                              "use 'l1', 'l2', 'taylor' or 'imprint', or exclude the block")
+                              "use 'l1', 'l2', 'taylor', 'influence' or 'imprint', or exclude the block")
         scores.append(torch.cat([m.weight.detach().abs().flatten().float() for m in norms]).mean().item())
     return scores
 
@@ -145,12 +160,16 @@ def _as_args(inputs: Any) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def _batches(calibration: Calibration, name: str) -> Iterable[tuple[tuple, torch.Tensor]]:
+def _batches(calibration: Calibration, name: str, targets: bool = True) -> Iterable[tuple[tuple, Any]]:
     if calibration is None:
         raise ConfigError(f"criterion {name!r} is data-driven: give calibration=[(inputs, targets), ...] "
                           "(an iterable of batches, e.g. a DataLoader), or use 'l1', 'l2' or 'bn'")
     count = 0
     for batch in calibration:
+        if not targets and isinstance(batch, torch.Tensor):
+            count += 1
+            yield (batch,), None
+            continue
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ConfigError(f"criterion {name!r}: each calibration batch must be an (inputs, targets) pair")
         count += 1
@@ -164,8 +183,8 @@ def taylor_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calib
                  loss_fn: Any = None) -> list[float]:
     """Σ(w·∂L/∂w)² per filter, accumulated over the calibration batches, averaged over the block's filters."""
     loss_fn = loss_fn or F.cross_entropy
-    convs = [_convs(gm, b) for b in blocks]
-    weights = [c.weight for cs in convs for c in cs]
+    convs = [_weights(gm, b) for b in blocks]
+    weights = [w for ws in convs for w in ws]
     unique = list({id(w): w for w in weights}.values())
     totals = {id(w): torch.zeros(w.shape[0]) for w in unique}
     flags = [(w, w.requires_grad) for w in unique]
@@ -182,7 +201,7 @@ def taylor_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calib
         finally:
             for w, flag in flags:
                 w.requires_grad_(flag)
-    return [torch.cat([totals[id(c.weight)] for c in cs]).mean().item() for cs in convs]
+    return [torch.cat([totals[id(w)] for w in ws]).mean().item() for ws in convs]
 
 
 def _imprint_accuracy(features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -194,8 +213,11 @@ def _imprint_accuracy(features: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _pooled(value: Any) -> Optional[torch.Tensor]:
+    """(N, C) features: (N, C, H, W) averaged over space, (N, T, C) tokens averaged over T."""
     if not isinstance(value, torch.Tensor) or value.ndim < 2:
         return None
+    if value.ndim == 3:
+        return value.detach().mean(1)
     return value.detach().flatten(2).mean(2) if value.ndim > 2 else value.detach()
 
 
@@ -227,6 +249,43 @@ def imprint_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Cali
             raise ConfigError(f"criterion 'imprint': node {name} gives no (N, C, ...) features to imprint")
         accuracy[name] = _imprint_accuracy(torch.cat(parts), y)
     return [accuracy[b.output] - accuracy[b.input] for b in blocks]
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities of input and output: per token over the channels for (N, T, C), per sample otherwise."""
+    a, b = a.detach().float(), b.detach().float()
+    if a.ndim == 3:
+        return F.cosine_similarity(a, b, dim=-1, eps=1e-8).flatten()
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-8)
+
+
+@_register("influence")
+def influence_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calibration = None,
+                    loss_fn: Any = None) -> list[float]:
+    """Block influence 1 − E[cos(x_in, x_out)] over the calibration data (ShortGPT)."""
+    wanted = {b.input for b in blocks} | {b.output for b in blocks}
+    total = [0.0] * len(blocks)
+    count = [0] * len(blocks)
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if n.name in wanted and isinstance(value, torch.Tensor):
+                values[n.name] = value
+            return value
+
+    with _eval_mode(gm), torch.no_grad():
+        for args, _ in _batches(calibration, "influence", targets=False):
+            values: dict[str, torch.Tensor] = {}
+            _Recorder(gm).run(*args)
+            for i, b in enumerate(blocks):
+                if b.input not in values or b.output not in values or values[b.input].shape != values[b.output].shape:
+                    raise ConfigError(f"criterion 'influence': block {b.name!r} gives no input and output tensors "
+                                      "of one shape to compare")
+                sims = _similarity(values[b.input], values[b.output])
+                total[i] += sims.sum().item()
+                count[i] += sims.numel()
+    return [1.0 - t / c for t, c in zip(total, count)]
 
 
 def ensemble_ranks(scores: dict[str, list[float]]) -> list[float]:
