@@ -348,6 +348,20 @@ def test_units_without_batchnorm_run_in_eval_and_count():
     assert macs.shape == (2,) and (macs < fxshift.macs(no_bn_cnn(), x[:1]) + 1000).all()
 
 
+def test_units_keep_the_mode_of_the_model():
+    """An eval model gives eval units (a new module starts in training mode, whose forward differs)."""
+    x = torch.randn(2, 3, 16, 16)
+    model = vgg()
+    gm = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.5), model, x[:1])
+    assert not gm.training and not any(m.training for m in gm.modules())
+    for _, unit in gated_units(gm):
+        unit.top_k = unit.out_channels
+    with torch.no_grad():
+        assert rel(gm(x), model(x)) < 1e-5
+    trained = fxshift.apply(DynamicPrunePass(), vgg().train(), x[:1])
+    assert all(u.training for _, u in gated_units(trained))
+
+
 def test_linear_only_model_gets_report_rows():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     gm = fxshift.apply(DynamicPrunePass(), model, torch.randn(1, 8))

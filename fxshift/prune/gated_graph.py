@@ -183,7 +183,7 @@ def fuse_unit(gm: fx.GraphModule, plan: dict[str, Any], options: dict[str, Any])
         raise RecipeError(f"layer {plan['layer']!r}: expected BatchNorm {plan['bn']!r} and activation "
                           f"{plan['act']!r} after it, found {found['bn']!r} and {found['act']!r}")
     act = ACTIVATIONS[plan["act"]]() if plan["act"] != "none" else None
-    unit = GatedConv2d(conv, bn, act, **options)
+    unit = GatedConv2d(conv, bn, act, **options).train(conv.training)   # the mode of the layers it replaces
     unit.bn_layer = plan["bn"]
     if chain:
         chain[-1].replace_all_uses_with(conv_node)
