@@ -1,6 +1,7 @@
 """The ``fxshift`` command: compress a model into an ONNX file, benchmark it, inspect it.
 
     fxshift compress MODEL --pass tucker:rank=0.5 --pass shift:weight_bits=5 --export out.onnx
+    fxshift compress MODEL --pass shift:weight_bits=4 --export m.onnx --quantize int8 --calibration inputs.npy
     fxshift bench out.onnx [--batch 1 8] [--float MODEL]
     fxshift inspect out.onnx
 
@@ -179,6 +180,16 @@ def cmd_compress(args) -> int:
 
     passes = [parse_pass(p) for p in args.passes]
     shape = _shape(args.input_shape)
+    calibration = None
+    if args.quantize is not None:
+        if args.export is None:
+            raise CliError("--quantize int8 writes an ONNX file: give --export OUT.onnx")
+        if args.calibration is None:
+            raise CliError("--quantize int8 needs --calibration FILE (.npy or .pt of input batches)")
+        calibration = load_calibration(args.calibration, shape)
+    elif args.calibration is not None:
+        raise CliError("--calibration is used with --quantize int8 (for calibrated shift conversion give the "
+                       "pass shift:calibration=... in Python)")
     if args.export is None and args.save is None:
         _log("fxshift compress: neither --export nor --save given; the result is only reported")
     steps = _Steps(1 + len(passes) + (args.export is not None) + (args.save is not None))
@@ -195,11 +206,65 @@ def cmd_compress(args) -> int:
     if args.export is not None:
         metadata = {"fxshift.model": args.model, "fxshift.passes": ";".join(args.passes),
                     "fxshift.input_shape": ",".join(str(d) for d in shape)}
-        path = steps.run(f"export {args.export}",
-                         lambda: fxshift.export_onnx(gm, example, args.export, target=args.target, metadata=metadata))
+        if calibration is not None:
+            from fxshift.onnx.export import export_int8
+
+            result = steps.run(f"export {args.export} (int8, {sum(len(b[0]) for b in calibration)} calibration "
+                               "samples)", lambda: export_int8(gm, example, args.export, calibration,
+                                                               metadata=metadata))
+            path = result.path
+            counts: dict[str, int] = {}
+            for e in result.layers:
+                key = e["status"].split(":")[0].split(" (")[0]
+                counts[key] = counts.get(key, 0) + 1
+            print("int8 layers: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                  + (f"; left float: {', '.join(result.float_layers)}" if result.float_layers else ""))
+        else:
+            path = steps.run(f"export {args.export}",
+                             lambda: fxshift.export_onnx(gm, example, args.export, target=args.target,
+                                                         metadata=metadata))
         print(f"{path}: {_mb(Path(path).stat().st_size)} (float model: "
               f"{_mb(4 * sum(p.numel() for p in model.parameters()))} of float32 parameters)")
     return 0
+
+
+def load_calibration(path: str, shape: Sequence[int]) -> list:
+    """Calibration batches from a .npy (one array of samples) or .pt file (a tensor, or a list of tensors
+    of samples), each sample shaped like the model input without its batch dimension; batches of 32."""
+    import numpy as np
+    import torch
+
+    file = Path(path)
+    where = f"--calibration {path}"
+    if not file.is_file():
+        raise CliError(f"{where}: no such file")
+    if file.suffix not in (".npy", ".pt", ".pth"):
+        raise CliError(f"{where}: give a .npy file (one array of input samples) or a .pt file (a tensor or a list "
+                       "of tensors)")
+    try:
+        if file.suffix == ".npy":
+            data = [torch.from_numpy(np.load(file, allow_pickle=False))]
+        else:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+            data = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
+    except Exception as exc:  # noqa: BLE001 - numpy / torch raise many types on a bad file
+        raise CliError(f"{where}: cannot read it ({type(exc).__name__}: {_one_line(exc)})") from None
+    sample = tuple(shape[1:])
+    batches = []
+    for i, t in enumerate(data):
+        if not isinstance(t, torch.Tensor):
+            raise CliError(f"{where}: item {i} is a {type(t).__name__}, not an array of inputs")
+        if not (t.is_floating_point() or t.dtype == torch.uint8):
+            raise CliError(f"{where}: inputs must be float (or uint8 images), got {t.dtype}")
+        if tuple(t.shape) == sample:
+            t = t.unsqueeze(0)
+        if t.dim() != len(shape) or tuple(t.shape[1:]) != sample or len(t) == 0:
+            raise CliError(f"{where}: array of shape {tuple(t.shape)} does not hold samples of the input shape "
+                           f"{sample} (give (N, {', '.join(map(str, sample))}); --input-shape sets the input)")
+        batches += [(b,) for b in t.float().split(32)]
+    if not batches:
+        raise CliError(f"{where}: holds no samples")
+    return batches
 
 
 def _mb(n: int) -> str:
@@ -255,7 +320,8 @@ def inspect_model(path: str) -> dict:
                 rows = int(attrs.get("out_features", 0))
             shift_nodes.append({"name": node.name, "op": node.op_type, "bits": attrs.get("bits"),
                                 "has_zero": attrs.get("has_zero"), "weights": weights,
-                                "packed_bytes": _packed_bytes(attrs, rows, weights)})
+                                "packed_bytes": _packed_bytes(attrs, rows, weights),
+                                "int8_exact": _node_int8_exact(model, node, attrs, rows, weights)})
     return {"path": path, "bytes": Path(path).stat().st_size, "ir_version": model.ir_version,
             "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
             "functions": [f"{f.domain}::{f.name}" for f in model.functions],
@@ -264,7 +330,20 @@ def inspect_model(path: str) -> dict:
             "metadata": {p.key: p.value for p in model.metadata_props},
             "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
             "initializers": {k: {"count": v[0], "bytes": v[1]} for k, v in sorted(by_type.items())},
-            "shift_nodes": shift_nodes}
+            "shift_nodes": shift_nodes, "int8": _int8_layers(model)}
+
+
+def _int8_layers(model) -> list:
+    """Per-layer status of an int8 export (its fxshift.int8 metadata), [] for other files."""
+    import json
+
+    from fxshift.onnx.int8 import METADATA_KEY
+
+    text = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    try:
+        return json.loads(text) if text else []
+    except ValueError:
+        return []
 
 
 def cmd_inspect(args) -> int:
@@ -275,8 +354,9 @@ def cmd_inspect(args) -> int:
           + ", ".join(f"{k} {v}" for k, v in info["opsets"].items()))
     for kind in ("inputs", "outputs"):
         print(f"{kind}: " + ", ".join(f"{n} {v}" for n, v in info[kind].items()))
-    if info["metadata"]:
-        print("metadata: " + "; ".join(f"{k}={v}" for k, v in info["metadata"].items()))
+    shown = {k: v for k, v in info["metadata"].items() if k != "fxshift.int8"}  # fxshift.int8: the table below
+    if shown:
+        print("metadata: " + "; ".join(f"{k}={v}" for k, v in shown.items()))
     if info["functions"]:
         print("function bodies: " + ", ".join(info["functions"]) + " (stock onnxruntime runs the fxshift ops)")
     print()
@@ -296,11 +376,45 @@ def cmd_inspect(args) -> int:
             g[1] += n["weights"]
             g[2] += n["packed_bytes"] or 0
         print()
-        print(format_table([{"shift op": op, "bits": b, "has_zero": z, "nodes": c, "weights": w,
-                             "float32 MB": f"{4 * w / 1e6:.2f}", "packed MB": f"{p / 1e6:.2f}"}
+        exact: dict[tuple, int] = {}
+        for n in info["shift_nodes"]:
+            key = (n["op"], n["bits"], n["has_zero"])
+            exact[key] = exact.get(key, 0) + bool(n["int8_exact"])
+        print(format_table([{"shift op": op, "bits": b, "has_zero": z, "nodes": c, "int8-exact": exact[(op, b, z)],
+                             "weights": w, "float32 MB": f"{4 * w / 1e6:.2f}", "packed MB": f"{p / 1e6:.2f}"}
                             for (op, b, z), (c, w, p) in sorted(groups.items())],
-                           ["shift op", "bits", "has_zero", "nodes", "weights", "float32 MB", "packed MB"]))
+                           ["shift op", "bits", "has_zero", "nodes", "int8-exact", "weights", "float32 MB",
+                            "packed MB"]))
+        inexact = [n["name"] for n in info["shift_nodes"] if n["int8_exact"] is False]
+        if inexact:
+            print(f"not int8-exact (a channel spans more than 7 octaves): {', '.join(inexact)}")
+    if info["int8"]:
+        print()
+        print(format_table([{"int8 layer": e.get("layer") or "-", "node": e.get("node") or "-",
+                             "status": e.get("status", "")} for e in info["int8"]],
+                           ["int8 layer", "node", "status"]))
     return 0
+
+
+def _node_int8_exact(model, node, attrs: dict, rows: int, weights: int) -> Optional[bool]:
+    """Whether a shift node's packed weights are exact in int8 (every channel within 7 octaves); None when its
+    words cannot be decoded."""
+    from onnx import numpy_helper
+
+    from fxshift.ops import packing
+    from fxshift.quantize.int8_exact import is_int8_exact
+
+    import torch
+
+    init = next((i for i in model.graph.initializer if len(node.input) > 1 and i.name == node.input[1]), None)
+    if init is None or rows < 1 or weights % rows:
+        return None
+    try:
+        words = torch.from_numpy(numpy_helper.to_array(init).copy())
+        w = packing.unpack(words, (rows, weights // rows), attrs.get("bits"), attrs.get("has_zero", 0))
+    except Exception:  # noqa: BLE001 - malformed nodes are listed, not fatal
+        return None
+    return is_int8_exact(w)
 
 
 def _packed_bytes(attrs: dict, rows: int, weights: int) -> Optional[int]:
@@ -365,7 +479,13 @@ def cmd_bench(args) -> int:
             runtimes["plugin"] = (args.file, library_path(), size)
         elif has_shift:
             _log("libfxshift_ort not found: the plugin row is left out (" + "build it; see README)")
-        runtimes["functions" if has_shift else "model"] = (args.file, None, size)
+        runtimes["functions" if has_shift else "int8" if info["int8"] else "model"] = (args.file, None, size)
+        if args.int8 and "float" in runtimes:
+            _log("quantizing the float model with onnxruntime's own quantize_static (random-normal calibration: "
+                 "for timing only) ...")
+            own = Path(tmp) / "float_int8.onnx"
+            _ort_int8(runtimes["float"][0], own, shape)
+            runtimes["float int8"] = (own, None, own.stat().st_size)
         rows = []
         for batch in args.batch:
             timed = dict(runtimes)
@@ -390,8 +510,36 @@ def cmd_bench(args) -> int:
     print(format_table(rows, ["batch", "runtime", "ms", "speed vs float", "MB", "size vs float", "load"]))
     print("runtime: float = the float model exported with standard ops; plugin = fxshift ops on libfxshift_ort; "
           "functions = fxshift ops through the file's function bodies (stock onnxruntime); plugin auto = each "
-          "fxshift node on whichever of the two measured faster at that batch (fxshift.onnx.lowering)")
+          "fxshift node on whichever of the two measured faster at that batch (fxshift.onnx.lowering); int8 = "
+          "the file's QDQ int8 model on onnxruntime's own kernels; float int8 = onnxruntime's quantize_static of "
+          "the float model (--int8)")
     return 0
+
+
+def _ort_int8(float_path: Path, out: Path, shape: Sequence[int]) -> None:
+    """onnxruntime's own static int8 (QDQ, per-channel s8 weights, u8 activations) of a float ONNX file,
+    calibrated on random-normal inputs (the timing does not depend on the ranges)."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import onnx
+
+    name = onnx.load(str(float_path), load_external_data=False).graph.input[0].name
+    rng = np.random.default_rng(0)
+
+    class _Random(CalibrationDataReader):
+        def __init__(self):
+            self.left = 4
+
+        def get_next(self):
+            self.left -= 1
+            return None if self.left < 0 else {name: rng.standard_normal((8, *shape[1:])).astype(np.float32)}
+
+    pre = out.with_name(out.stem + "_pre.onnx")
+    quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), _Random(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,6 +559,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="OUT.pt", help="also save weights + recipe (fxshift.save)")
     p.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
     p.add_argument("--report", action="store_true", help="print the per-layer report")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="write a QDQ int8 model for onnxruntime's own kernels (shift layers exact; needs "
+                        "--calibration)")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="input samples for --quantize int8: a .npy array (N, *input) or a .pt tensor / list")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_compress)
 
@@ -423,6 +576,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="rounds of alternating processes, one per runtime (default 5)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--input-shape", default=None, help="input shape (default: recorded at export)")
+    p.add_argument("--int8", action="store_true",
+                   help="also time onnxruntime's own int8 (quantize_static) of the float model")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", help="op counts and weight bytes of an ONNX file")

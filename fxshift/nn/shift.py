@@ -18,6 +18,10 @@ deterministically so that inference is reproducible.
 ``activation_bits=(integer, fraction)`` rounds the layer's input (and its bias) to fixed point,
 ``round_to_fixed(x, ib, fb) = clamp(floor(x·2^fb)·2^−fb, −2^(ib−1), 2^(ib−1) − 2^−fb)``, with a
 straight-through gradient; None keeps float activations; (16, 16) is the paper's setting.
+
+``channel_shifts`` (an attribute, None by default; ShiftQuantizePass sets it) limits each output channel to
+that many powers of two below its largest (smaller magnitudes are raised to the floor, as DeepShift-Q's
+clamp): 7 makes the layer exact in int8 (fxshift.quantize.int8_exact).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch import nn
 from ..costs import register_mac_rule
 from ..errors import ConfigError
 from ..ops.packing import MAX_NORMAL_SHIFT
+from ..quantize.int8_exact import limit_channel_shifts
 from .base import register_structure
 
 MODES = ("q", "ps")
@@ -236,6 +241,7 @@ class _ShiftLayer(nn.Module):
         # optional per-output-channel float scale, applied after accumulation and before the bias
         # (set by calibrated conversion, fxshift.quantize.shift_calibration; None: no scale)
         self.register_buffer("scale", None)
+        self.channel_shifts: Optional[int] = None  # at most this many powers of two per output channel
 
     # ---- the effective weights -----------------------------------------------------------
     @property
@@ -248,8 +254,12 @@ class _ShiftLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """The ±2^p / 0 weight the forward pass uses (differentiable through the STEs)."""
         if self.mode == "q":
-            return quantize_q(self.weight, self.weight_bits, self._rounding_now())
-        return ps_weight(self.shift, self.sign, self.weight_bits, self._rounding_now())
+            w = quantize_q(self.weight, self.weight_bits, self._rounding_now())
+        else:
+            w = ps_weight(self.shift, self.sign, self.weight_bits, self._rounding_now())
+        if self.channel_shifts is None:
+            return w
+        return straight_through(w, limit_channel_shifts(w.detach(), self.channel_shifts))
 
     @torch.no_grad()
     def set_scale(self, scale: Optional[torch.Tensor]) -> None:
@@ -266,8 +276,8 @@ class _ShiftLayer(nn.Module):
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         """Apply the scale (per output channel, dim 1 for convs, last for linears) and the bias."""
         bias = self.quantized_bias()
-        if self.scale is not None:
-            y = y * (self.scale.view(-1, 1, 1) if y.dim() == 4 and isinstance(self, ShiftConv2d) else self.scale)
+        if self.scale is not None:  # a conv's channels are dim −3 of (N, C, H, W) and of unbatched (C, H, W)
+            y = y * (self.scale.view(-1, 1, 1) if isinstance(self, ShiftConv2d) else self.scale)
         if bias is not None:
             y = y + (bias.view(-1, 1, 1) if isinstance(self, ShiftConv2d) else bias)
         return y
@@ -313,7 +323,8 @@ class _ShiftLayer(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"method": self.method, "mode": self.mode, "weight_bits": self.weight_bits, "rounding": self.rounding,
                 "activation_bits": list(self.activation_bits) if self.activation_bits else None,
-                "freeze_sign": self.freeze_sign, "scale": self.scale is not None, "bias": self.bias is not None}
+                "freeze_sign": self.freeze_sign, "scale": self.scale is not None, "bias": self.bias is not None,
+                "channel_shifts": self.channel_shifts}
 
     @staticmethod
     def _options(spec: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +332,7 @@ class _ShiftLayer(nn.Module):
                     activation_bits=spec.get("activation_bits"))
 
     def _finish_from_spec(self, spec: dict[str, Any]) -> "_ShiftLayer":
+        self.channel_shifts = spec.get("channel_shifts")
         if self.mode == "ps" and spec.get("freeze_sign"):
             self.sign.requires_grad_(False)
         if spec.get("bias") and self.bias is None:  # calibration gave a bias-less layer one
@@ -340,7 +352,10 @@ class _ShiftLayer(nn.Module):
         weight = new.weight
         del new.weight
         new.mode = "ps"
-        p, sign = ps_init(_quantize_q_value(weight.detach(), self.weight_bits, "deterministic"), self.weight_bits)
+        value = _quantize_q_value(weight.detach(), self.weight_bits, "deterministic")
+        if self.channel_shifts is not None:
+            value = limit_channel_shifts(value, self.channel_shifts)
+        p, sign = ps_init(value, self.weight_bits)
         new.shift = nn.Parameter(p)
         new.sign = nn.Parameter(sign, requires_grad=not freeze_sign)
         return new

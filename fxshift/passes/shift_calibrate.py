@@ -107,11 +107,19 @@ def _offset_columns(offset: torch.Tensor, groups: int) -> torch.Tensor:
     return offset.reshape(-1, offset.shape[-1]).t().unsqueeze(0)
 
 
-def _fold_into_bn(bn: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> None:
-    """BN(scale ⊙ u + bias) = BN'(u): γ' = γ·scale, μ' = (μ − bias)/scale (eval-mode BatchNorm)."""
+def _fold_into_bn(bn: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> bool:
+    """BN(scale ⊙ u + bias) = BN'(u) in eval *and* train mode: μ' = (μ − bias)/scale and σ' = σ/scale
+    (running_var' = (var + ε)/scale² − ε), γ and β unchanged. A positive scale commutes with batch
+    statistics (norm(s·u + b) = norm(u)), so train-mode forwards and their running-stat updates agree with
+    the unfolded layer (up to ε/s² in the variance update). Folding γ instead (γ' = γ·s) is right only in eval
+    mode. Returns False (nothing changed) when a scale is not positive or a variance would go negative."""
     with torch.no_grad():
+        var = (bn.running_var + bn.eps) / (scale * scale) - bn.eps
+        if not bool((scale > 0).all()) or not bool(torch.isfinite(var).all()) or bool((var < 0).any()):
+            return False
         bn.running_mean.copy_((bn.running_mean - bias) / scale)
-        bn.weight.mul_(scale)
+        bn.running_var.copy_(var)
+    return True
 
 
 def calibrate_graph(gm: fx.GraphModule, batches: list[tuple], names: set[str],
@@ -207,7 +215,7 @@ def calibrate_graph(gm: fx.GraphModule, batches: list[tuple], names: set[str],
                             offset = _offset_columns(diff, groups)
                         acc.add(_columns(module, xf), _columns(module, layer._round_input(xq)), offset)
                     res = calibrate_shift_weight(module.weight, module.bias, acc.finish(), weight_bits, iterations,
-                                                 batch=batch)
+                                                 batch=batch, channel_shifts=getattr(layer, "channel_shifts", None))
                     folded = _install(gm, node, layer, res)
                     replace_module(gm, node.target, layer)
                     env_q[node] = [layer(*fx.node.map_arg(node.args, lambda a: env_q[a][i]))
@@ -238,8 +246,8 @@ def _install(gm: fx.GraphModule, node: fx.Node, layer: nn.Module, res: Calibrati
     with torch.no_grad():
         layer.weight.copy_(res.codes.to(layer.weight.dtype))
         found = _sole_batchnorm(gm, node)
-        if found is not None and ((isinstance(layer, ShiftConv2d)) == isinstance(found[1], nn.BatchNorm2d)):
-            _fold_into_bn(found[1], res.scale, res.bias)
+        if found is not None and ((isinstance(layer, ShiftConv2d)) == isinstance(found[1], nn.BatchNorm2d)) \
+                and _fold_into_bn(found[1], res.scale, res.bias):
             layer.set_scale(None)
             if layer.bias is not None:
                 layer.bias.zero_()

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..nn.frozen_shift import packed_bytes, packing_width
 from ..nn.shift import (ActivationBits, check_activation_bits, check_mode, check_rounding, check_weight_bits,
                         shift_layer_from, SHIFT_LAYERS)
+from ..quantize.int8_exact import INT8_SHIFTS, is_int8_exact
 from ..report import ReportRow
 from .shift_calibrate import calibrate_graph, calibration_batches
 from ..graph import LayerFilter, Selector, candidate_layers, replace_module
@@ -41,6 +42,10 @@ class ShiftQuantizePass(PassBase):
             error on the calibration data), scale_in and adaround_rows.
         iterations: AdaRound steps per layer with calibration (0: nearest rounding at the fitted scale).
         progress: show a progress bar while calibrating.
+        int8_exact: keep each output channel's shifts within 7 octaves (±1 … ±64 times a per-channel step), so
+            that the layer is exact in int8 (``fxshift.export_onnx(..., quantize="int8")``); None (default):
+            on for weight_bits ≤ 4, off above. Rows gain ``int8_exact``: whether the converted layer's weights
+            are exact in int8 (with the option off, a layer may still happen to be).
 
     mode "ps" also turns DeepShift-Q shift layers already in the model (e.g. calibrated ones) into
     DeepShift-PS layers (same codes, scale and bias), to train DeepShift-PS from a calibrated model.
@@ -62,7 +67,8 @@ class ShiftQuantizePass(PassBase):
 
     def __init__(self, mode: str = "q", weight_bits: int = 5, activation_bits: ActivationBits = None,
                  rounding: str = "deterministic", include: Selector = None, exclude: Selector = None,
-                 freeze_sign: bool = False, calibration: Any = None, iterations: int = 100, progress: bool = True):
+                 freeze_sign: bool = False, calibration: Any = None, iterations: int = 100, progress: bool = True,
+                 int8_exact: Optional[bool] = None):
         self.mode = check_mode(mode)
         self.weight_bits = check_weight_bits(weight_bits)
         self.activation_bits = check_activation_bits(activation_bits)
@@ -79,6 +85,10 @@ class ShiftQuantizePass(PassBase):
             raise ConfigError(f"iterations={iterations!r}: give an int ≥ 0 (AdaRound steps per layer; 0: nearest "
                               "rounding at the calibrated scale)")
         self.iterations, self.progress = iterations, bool(progress)
+        if int8_exact is not None and not isinstance(int8_exact, bool):
+            raise ConfigError(f"int8_exact={int8_exact!r}: give True, False or None (on for weight_bits ≤ 4)")
+        exact = self.weight_bits <= 4 if int8_exact is None else int8_exact
+        self.channel_shifts = INT8_SHIFTS if exact else None
         self.calibration = None if calibration is None else calibration_batches(calibration)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -115,7 +125,8 @@ class ShiftQuantizePass(PassBase):
                 row.rel_error = torch.linalg.vector_norm(eff - w).item() / norm if norm > 0 else 0.0
                 row.extra.update({"calibrated": True, "output_error_before": res.error_plain,
                                   "output_error_after": res.error_calibrated, "scale_in": item["scale_in"],
-                                  "adaround_rows": res.adaround_rows})
+                                  "adaround_rows": res.adaround_rows,
+                                  "int8_exact": _int8_exact(gm.get_submodule(name))})
         for name, module in candidates:
             row = done.get(name) or self.visit(gm, name, module, shapes.get(name))
             if self.calibration is not None and name not in done:
@@ -136,6 +147,7 @@ class ShiftQuantizePass(PassBase):
             row.macs_before = layer_macs(module, shape)
         layer = shift_layer_from(module, mode=self.mode, weight_bits=self.weight_bits, rounding=self.rounding,
                                  activation_bits=self.activation_bits, freeze_sign=self.freeze_sign)
+        layer.channel_shifts = self.channel_shifts
         layer.train(module.training)
         with torch.no_grad():
             was_training = layer.training
@@ -154,8 +166,19 @@ class ShiftQuantizePass(PassBase):
         row.macs_after = row.macs_before  # one shift-add for each multiply-accumulate it replaces
         row.rel_error = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
         row.extra = {"mode": self.mode, "bits": bits, "weight_bytes_before": w.numel() * w.element_size(),
-                     "weight_bytes_after": packed_bytes(rows_, k, bits)}
+                     "weight_bytes_after": packed_bytes(rows_, k, bits), "int8_exact": is_int8_exact(quantized)}
         return row
+
+
+def _int8_exact(layer: nn.Module) -> bool:
+    """Whether a shift layer's eval-mode weights are exact in int8 (fxshift.quantize.int8_exact)."""
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            return is_int8_exact(layer.quantized_weight())
+    finally:
+        layer.train(was_training)
 
 
 def candidates_by_name(candidates: list) -> dict:

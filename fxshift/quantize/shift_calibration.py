@@ -191,13 +191,16 @@ class CalibrationResult:
     adaround_batch: int = 0  # columns per AdaRound step (0: exact, from Hqq)
 
 
-def _q_range(weight_bits: int) -> tuple[int, int]:
-    return -(2 ** (weight_bits - 1) - 1), 0
+def _q_range(weight_bits: int, channel_shifts: Optional[int] = None) -> tuple[int, int]:
+    """The Q shift range; `channel_shifts` (e.g. 7 for int8-exact layers) narrows it to that many shifts.
+    Codes are at most 1 in magnitude (the scale takes the rest), so this bounds every channel's span."""
+    p_min = -(2 ** (weight_bits - 1) - 1)
+    return (p_min if channel_shifts is None else max(p_min, 1 - channel_shifts)), 0
 
 
-def nearest_log_codes(w: torch.Tensor, weight_bits: int) -> torch.Tensor:
+def nearest_log_codes(w: torch.Tensor, weight_bits: int, channel_shifts: Optional[int] = None) -> torch.Tensor:
     """sign(w)·2^round(log2 clamp(|w|, 2^p_min, 1)): plain DeepShift-Q rounding (zeros stay zero)."""
-    p_min, _ = _q_range(weight_bits)
+    p_min, _ = _q_range(weight_bits, channel_shifts)
     return torch.sign(w) * torch.exp2(torch.round(torch.log2(w.abs().clamp(2.0 ** p_min, 1.0))))
 
 
@@ -253,9 +256,9 @@ def _adam(v: torch.Tensor, lr: float) -> torch.optim.Optimizer:
 
 
 def _adaround(w: torch.Tensor, s: torch.Tensor, st: LayerStats, weight_bits: int, iterations: int, lam: float,
-              lr: float, batch: int, seed: int) -> torch.Tensor:
+              lr: float, batch: int, seed: int, channel_shifts: Optional[int] = None) -> torch.Tensor:
     """Codes q (G, Og, K) choosing the lower/upper power of two of |w|/s per weight (see the module doc)."""
-    p_min, _ = _q_range(weight_bits)
+    p_min, _ = _q_range(weight_bits, channel_shifts)
     sign = torch.sign(w)
     a = (w.abs() / s.unsqueeze(-1)).clamp(2.0 ** p_min, 1.0)
     lo = torch.exp2(torch.floor(torch.log2(a)))
@@ -311,12 +314,14 @@ def _adaround(w: torch.Tensor, s: torch.Tensor, st: LayerStats, weight_bits: int
 @torch.no_grad()
 def calibrate_shift_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], stats: LayerStats, weight_bits: int = 5,
                            iterations: int = 100, scale_grid: int = 4, lam: float = 0.01, lr: float = 0.1,
-                           adaround: bool = True, batch: int = 0, seed: int = 0) -> CalibrationResult:
+                           adaround: bool = True, batch: int = 0, seed: int = 0,
+                           channel_shifts: Optional[int] = None) -> CalibrationResult:
     """Calibrated shift codes, per-row scale and corrected bias for a (O, K) weight (K per group).
 
     `stats` are the layer's LayerStats of this weight (G groups, rows split evenly over groups). With
     adaround=False step 2 is nearest-in-log rounding at the chosen scale. `batch` > 0: AdaRound steps on
-    minibatches of that many of the stats' stored columns (see adaround_plan); 0: exact, from Hqq."""
+    minibatches of that many of the stats' stored columns (see adaround_plan); 0: exact, from Hqq.
+    `channel_shifts`: at most that many powers of two per row (7: the codes are exact in int8)."""
     shape, o = weight.shape, weight.shape[0]
     weight = weight.detach().reshape(o, -1)
     g = stats.h_qq.shape[0]
@@ -334,7 +339,7 @@ def calibrate_shift_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], s
     best = None  # (s, q, cq, qq, error) of the best grid scale per row, nearest-in-log rounding
     for i in range(max(1, scale_grid)):
         s = amax * 2.0 ** (i / max(1, scale_grid))
-        q = nearest_log_codes(w / s.unsqueeze(-1), weight_bits)
+        q = nearest_log_codes(w / s.unsqueeze(-1), weight_bits, channel_shifts)
         cq, qq = _moments(q, stats)
         cand = (s, q, cq, qq, _centred_error(stats, s, cq, qq))
         if best is None:
@@ -346,7 +351,7 @@ def calibrate_shift_weight(weight: torch.Tensor, bias: Optional[torch.Tensor], s
     rows = 0
     if adaround and iterations > 0:
         with _threads_at_most(1 if w.numel() < _PARALLEL_MIN else torch.get_num_threads()):
-            q_ada = _adaround(w, s, stats, weight_bits, iterations, lam, lr, batch, seed)
+            q_ada = _adaround(w, s, stats, weight_bits, iterations, lam, lr, batch, seed, channel_shifts)
         cq_a, qq_a = _moments(q_ada, stats)
         s_a, s_n = refit(s, cq_a, qq_a), refit(s, cq, qq)
         take = _centred_error(stats, s_a, cq_a, qq_a) < _centred_error(stats, s_n, cq, qq)
