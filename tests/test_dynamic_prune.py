@@ -310,3 +310,147 @@ def test_cli_exports_gated_resnet18_in_reasonable_time(tmp_path, capsys):
         with torch.no_grad():
             ref = gm(xs)
         assert out.shape == (1, 1000) and rel(out, ref) < 1e-4
+
+
+def test_onnx_uniform_keeps_exactly_k_filters(tmp_path):
+    """target="uniform" exports TopK: onnxruntime computes the same k filters as torch, input by input."""
+    onnx = pytest.importorskip("onnx")
+    x = torch.randn(1, 3, 16, 16)
+    gm = randomize(fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.25), vgg(), x), bias=3.0)
+    path = fxshift.export_onnx(gm, x, tmp_path / "u.onnx", dynamic_batch=False)
+    assert "TopK" in {n.op_type for n in onnx.load(path).graph.node}
+    inputs = [torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    for xs, out in zip(inputs, ort_outputs(path, inputs)):
+        with torch.no_grad():
+            ref = gm(xs)
+        assert rel(out, ref) < 1e-4
+    units = dict(gated_units(gm))
+    for unit in units.values():
+        unit.recording = True
+    with torch.no_grad():
+        gm(inputs[0])
+    assert [int(u.last_keep.sum()) for u in units.values()] == [8, 8, 12]    # round(0.25 · C), whatever the bias
+
+
+def no_bn_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 4)).eval()
+
+
+def test_units_without_batchnorm_run_in_eval_and_count():
+    x = torch.randn(2, 3, 12, 12)
+    gm = randomize(fxshift.apply(DynamicPrunePass(), no_bn_cnn(), x[:1]))
+    assert [u.bn for _, u in gated_units(gm)] == [None, None]
+    skip, mask = skip_and_mask(gm, x)
+    assert rel(skip, mask) < 1e-5
+    macs = fxshift.dynamic_macs(gm, x)
+    assert macs.shape == (2,) and (macs < fxshift.macs(no_bn_cnn(), x[:1]) + 1000).all()
+
+
+def test_units_keep_the_mode_of_the_model():
+    """An eval model gives eval units (a new module starts in training mode, whose forward differs)."""
+    x = torch.randn(2, 3, 16, 16)
+    model = vgg()
+    gm = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.5), model, x[:1])
+    assert not gm.training and not any(m.training for m in gm.modules())
+    for _, unit in gated_units(gm):
+        unit.top_k = unit.out_channels
+    with torch.no_grad():
+        assert rel(gm(x), model(x)) < 1e-5
+    trained = fxshift.apply(DynamicPrunePass(), vgg().train(), x[:1])
+    assert all(u.training for _, u in gated_units(trained))
+
+
+def test_linear_only_model_gets_report_rows():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    gm = fxshift.apply(DynamicPrunePass(), model, torch.randn(1, 8))
+    rows = [r for r in fxshift.report(gm).rows if r.pass_name == "DynamicPrunePass"]
+    assert [(r.layer, r.action) for r in rows] == [("0", "skipped"), ("2", "skipped")]
+    assert all("Linear" in r.reason and "Conv2d" in r.reason for r in rows)
+    assert not gated_units(gm)
+
+
+def randomize_norms(model, seed=0):
+    """Random BatchNorm statistics and affine terms, and no zero-initialised weights (timm zeroes some)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.uniform_(-0.2, 0.2, generator=g)
+        elif isinstance(m, nn.Linear):
+            m.weight.data.normal_(0, 0.1, generator=g)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, with_norm, with_act, macs_bound",    # depthwise convs stay dense: a high bound
+                         [("resnet18", 19, 8, 0.6), ("efficientnet_b0", 32, 32, 0.95)])
+def test_timm_models(name, with_norm, with_act, macs_bound):
+    """timm's BatchNormAct2d (traced through to F.batch_norm → drop → act) joins the unit; the units
+    with every filter on compute the original model; skip equals mask; MACs count per sample."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model(name, pretrained=False, num_classes=10))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gm = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.5), model, x[:1])
+    units = gated_units(gm)
+    assert sum(u.bn is not None for _, u in units) == with_norm
+    assert sum(u.act is not None for _, u in units) == with_act
+    for _, unit in units:           # every filter on: the fused units must equal the model
+        unit.top_k = unit.out_channels
+    with torch.no_grad():
+        set_gating(gm, "mask")
+        assert rel(gm(x), model(x)) < 1e-4
+    for _, unit in units:
+        unit.top_k = max(1, unit.out_channels // 2)
+    randomize(gm, bias=1.0)
+    skip, mask = skip_and_mask(gm, x)
+    assert rel(skip, mask) < 1e-5 and mask.abs().sum() > 0
+    macs = fxshift.dynamic_macs(gm, x)
+    assert (macs < macs_bound * fxshift.macs(model, x[:1])).all()
+
+
+class _NormAct(nn.BatchNorm2d):
+    """A norm + activation module written the way timm's BatchNormAct2d is: tracing goes through it and
+    leaves F.batch_norm over its tensors, then its drop (nn.Identity) and its activation."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                     self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+def norm_act_cnn():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _NormAct(8), nn.Conv2d(8, 16, 3, padding=1), _NormAct(16),
+                          nn.Conv2d(16, 16, 3, padding=1, bias=False), _NormAct(16), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 4))
+    torch.manual_seed(0)
+    return randomize_norms(model)
+
+
+def test_norm_act_module_joins_unit_and_roundtrips(tmp_path):
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    model = norm_act_cnn()
+    gm = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.5), model, x[:1])
+    units = gated_units(gm)
+    assert [(u.bn_layer, u.act_name, type(u.bn)) for _, u in units] == [("3", "relu", nn.BatchNorm2d),
+                                                                          ("5", "relu", nn.BatchNorm2d)]
+    for _, unit in units:
+        unit.top_k = unit.out_channels
+    with torch.no_grad():
+        assert rel(gm(x), model(x)) < 1e-5          # the rebuilt BatchNorm is the module's
+    for _, unit in units:
+        unit.top_k = unit.out_channels // 2
+    randomize(gm)
+    fxshift.save(gm, tmp_path / "n.pt")
+    back = fxshift.load(norm_act_cnn(), tmp_path / "n.pt", x[:1]).eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), gm(x))
+    skip, mask = skip_and_mask(back, x)
+    assert rel(skip, mask) < 1e-5

@@ -3,22 +3,26 @@
 A mask predictor reads the unit's input (global average pool → 1×1 conv) and gives one logit per
 output filter. The unit's forward takes ``(x, in_idx)`` and returns ``(y, out_idx)``:
 
-- training mode: ``y`` is the dense output; the unit also computes its targets (fxshift.nn.mask_targets)
-  and keeps the BCE of its logits against them in ``last_loss`` (read by fxshift.train.mask_loss).
-  With ``decoupled`` the predictor reads a detached input, so the mask loss trains the predictors
-  only. ``out_idx`` is None.
+- training mode: the unit computes its targets (fxshift.nn.mask_targets) from its dense output and
+  keeps the BCE of its logits against them in ``last_loss`` (read by fxshift.train.mask_loss). ``y``
+  is the dense output multiplied, per ``train_mask``, by the predictor's own selection (thresholded,
+  no gradient through it: "predicted", the default, as the FTWT authors train, so the network trains
+  on what inference runs), by the targets ("target") or by nothing ("none"). With ``decoupled`` the
+  predictor reads a detached input, so the mask loss trains the predictors only. ``out_idx`` is None.
 - eval, gating "mask" (the reference): the dense output with the unselected channels zeroed;
   ``out_idx`` is None.
 - eval, gating "skip" (the default): only the selected filters are computed. ``y`` holds just the
-  active channels, listed in ``out_idx`` (ascending); the weight rows (and BN scale/shift) of those
+  active channels, listed in ``out_idx``; the weight rows (and BN scale/shift) of those
   filters are gathered, and when the input is itself compact (``in_idx`` not None) so are the weight
   columns of the active input channels. ``scatter_channels(y, out_idx, C)`` restores the full layout.
   For a batch of B > 1 the unit computes the union of the samples' selections and zeros each
   sample's unselected channels, so outputs equal "mask" mode exactly; the saving then shrinks as the
   selections diverge. Per-sample skipping is batch 1.
 
-A filter is selected when sigmoid(logit) > 0.5 (logit > 0); when a sample selects none, its
-highest-logit filter is kept, so no unit ever computes an empty output.
+Selection (fxshift.ops.gated_ops.select_filters): with target "mass" a filter is selected when
+sigmoid(logit) > 0.5 (logit > 0), and when a sample selects none its highest-logit filter is kept, so
+no unit ever computes an empty output; with target "uniform" exactly the round(ratio·C) filters with
+the highest logits are, in training, eval, skip mode and the ONNX export alike.
 """
 from __future__ import annotations
 
@@ -32,9 +36,22 @@ from torch import nn
 from ..errors import ConfigError
 from ..costs import register_mac_rule
 from ..ops.gated_ops import gated_conv2d, scatter_channels_op, select_filters, skip_conv
-from .mask_targets import check_target, mask_targets
+from .mask_targets import check_target, mask_targets, uniform_count
 
 GATINGS = ("skip", "mask")
+#: what multiplies a unit's output in training: the predictor's own selection, the targets, or nothing.
+TRAIN_MASKS = ("predicted", "target", "none")
+
+
+def check_train_mask(train_mask: Any, where: str = "GatedConv2d") -> str:
+    """The train_mask setting as one of TRAIN_MASKS; a bool (recipes saved before it had three values)
+    maps True → "target", False → "none"."""
+    if isinstance(train_mask, bool):
+        return "target" if train_mask else "none"
+    if train_mask not in TRAIN_MASKS:
+        raise ConfigError(f"{where}: train_mask must be 'predicted' (train under the predictor's own masks, as "
+                          f"inference runs), 'target' or 'none', got {train_mask!r}")
+    return train_mask
 
 #: activation name (as saved in the recipe) -> module factory.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -62,6 +79,19 @@ def scatter_channels(y: torch.Tensor, idx: Optional[torch.Tensor], channels: int
     return y.new_zeros(shape).index_copy(1, idx, y)
 
 
+def plain_batchnorm(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A plain nn.BatchNorm2d copy of `bn` (a subclass such as timm's BatchNormAct2d also applies its
+    activation in forward; the unit applies the activation itself)."""
+    if type(bn) is nn.BatchNorm2d:
+        return copy.deepcopy(bn)
+    plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                           device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    own = {k: v for k, v in bn.state_dict().items() if "." not in k}
+    plain.load_state_dict(own)
+    plain.train(bn.training)
+    return plain
+
+
 def _exporting() -> bool:
     return torch.compiler.is_compiling()   # also true under torch.onnx.export (dynamo); cheap to ask
 
@@ -76,27 +106,30 @@ class GatedConv2d(nn.Module):
         target, threshold, ratio: the training targets (fxshift.nn.mask_targets).
         decoupled: the predictor reads a detached input in training.
         gating: "skip" or "mask" (eval behaviour; fxshift.nn.set_gating switches it).
-        train_mask: in training, multiply the output by the targets (the network then trains on the
-            pruned activations); off by default, where training sees the dense output.
+        train_mask: what multiplies the output in training: "predicted" (the predictor's own binary
+            selection, the default), "target" (the targets) or "none" (dense); True / False mean
+            "target" / "none".
     """
 
     method = "gated_conv2d"
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None, *,
                  target: str = "mass", threshold: Optional[float] = None, ratio: Optional[float] = None,
-                 decoupled: bool = True, gating: str = "skip", train_mask: bool = False):
+                 decoupled: bool = True, gating: str = "skip", train_mask: Any = "predicted"):
         super().__init__()
         if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros" or \
                 isinstance(conv.padding, str):
             raise ConfigError(f"GatedConv2d needs an ungrouped nn.Conv2d with numeric zero padding, got {conv!r}")
-        if bn is not None and (type(bn) is not nn.BatchNorm2d or not bn.track_running_stats
+        if bn is not None and (not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats
                                or bn.num_features != conv.out_channels):
             raise ConfigError(f"GatedConv2d: {bn!r} must be a BatchNorm2d over the conv's {conv.out_channels} "
                               "channels with running statistics")
         self.target, self.threshold, self.ratio = check_target(target, threshold, ratio, "GatedConv2d")
+        #: exact filter count selected per sample (target "uniform"); 0: the logit > 0 threshold
+        self.top_k = uniform_count(conv.out_channels, self.ratio) if self.target == "uniform" else 0
         self.act_name = activation_name(act)
         self.conv = copy.deepcopy(conv)
-        self.bn = copy.deepcopy(bn) if bn is not None else None
+        self.bn = plain_batchnorm(bn) if bn is not None else None
         self.act = ACTIVATIONS[self.act_name]() if act is not None else None
         param = conv.weight
         self.predictor = nn.Conv2d(conv.in_channels, conv.out_channels, 1, device=param.device, dtype=param.dtype)
@@ -104,11 +137,10 @@ class GatedConv2d(nn.Module):
             self.predictor.weight.zero_()  # moves each logit by its own targets, so zeros break no symmetry
             self.predictor.bias.fill_(0.1)
         self.decoupled = bool(decoupled)
-        self.train_mask = bool(train_mask)
+        self.train_mask = check_train_mask(train_mask)
         self.gating = gating
         set_unit_gating(self, gating)
         self.last_loss: Optional[torch.Tensor] = None
-        self._folded: Optional[tuple] = None
         self.recording = False          # dynamic_macs turns this on to read last_keep / last_shapes
         self.last_keep: Optional[torch.Tensor] = None
         self.last_shapes: Optional[tuple] = None
@@ -124,8 +156,9 @@ class GatedConv2d(nn.Module):
         return self.conv.out_channels
 
     def extra_repr(self) -> str:
-        setting = f"threshold={self.threshold}" if self.target == "mass" else f"ratio={self.ratio}"
-        return f"target={self.target}, {setting}, gating={self.gating}, decoupled={self.decoupled}"
+        setting = f"threshold={self.threshold}" if self.target == "mass" else f"ratio={self.ratio} (k={self.top_k})"
+        return (f"target={self.target}, {setting}, gating={self.gating}, decoupled={self.decoupled}, "
+                f"train_mask={self.train_mask}")
 
     # --- pieces -------------------------------------------------------------------------------------
     def logits(self, x: torch.Tensor, in_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -136,13 +169,19 @@ class GatedConv2d(nn.Module):
             weight = weight.index_select(1, in_idx)
         return F.linear(pooled, weight, self.predictor.bias)
 
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode per-filter (scale, shift) of conv bias + BatchNorm: y = conv_nobias(x)·scale + shift."""
-        weight = self.conv.weight
-        bias = self.conv.bias if self.conv.bias is not None else weight.new_zeros(self.out_channels)
-        if self.bn is None:
-            return weight.new_ones(self.out_channels), bias
-        bn = self.bn
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """Boolean (B, C_out) selection of this unit's filters from its logits (top-k or threshold)."""
+        return select_filters(logits, self.top_k)
+
+    def affine(self) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Eval-mode per-filter (scale, shift) of conv bias + BatchNorm: y = conv_nobias(x)·scale + shift;
+        scale is None for a unit without BatchNorm."""
+        conv, bn = self._modules["conv"], self._modules.get("bn")
+        weight, bias = conv.weight, conv.bias
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        if bn is None:
+            return None, bias
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight
@@ -174,7 +213,7 @@ class GatedConv2d(nn.Module):
         if self.gating == "mask":
             if in_idx is not None:
                 x = scatter_channels(x, in_idx, self.in_channels)
-            keep = select_filters(self.logits(x))
+            keep = self.select(self.logits(x))
             y = self._dense(x) * keep[:, :, None, None].to(x.dtype)
             self._record(keep, x, y)
             return y, None
@@ -187,47 +226,29 @@ class GatedConv2d(nn.Module):
         y = self._dense(x)
         targets = mask_targets(y, self.target, self.threshold, self.ratio)
         self.last_loss = F.binary_cross_entropy_with_logits(logits, targets)
-        if self.train_mask:
+        if self.train_mask == "predicted":
+            y = y * self.select(logits.detach())[:, :, None, None].to(y.dtype)
+        elif self.train_mask == "target":
             y = y * targets[:, :, None, None]
         return y
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight × BN scale, shift): the eval-mode conv, cached until a parameter or statistic changes."""
-        return self._eval_tensors()[:2]
-
-    def _eval_tensors(self) -> tuple[torch.Tensor, ...]:
-        """(folded weight, shift, predictor weight (C_out, C_in), predictor bias) for skip mode, cached.
-
-        The cache key is (id, version) of every parameter and buffer of conv, bn and predictor, read
-        from the modules' dicts: nn.Module attribute lookups cost about 1 µs each and a unit needs a
-        dozen, which is as much as a small conv at batch 1. An in-place update (optimizer step,
-        load_state_dict) bumps a version; a replaced tensor changes an id."""
-        modules = self._modules
-        conv, bn, predictor = modules["conv"], modules["bn"], modules["predictor"]
-        tensors = [*conv._parameters.values(), *predictor._parameters.values()]
-        if bn is not None:
-            tensors += [*bn._parameters.values(), *bn._buffers.values()]
-        key = tuple((id(t), t._version) for t in tensors if t is not None)
-        cached = self._folded
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                scale, shift = self.affine()
-                cached = self._folded = (key, conv.weight * scale.view(-1, 1, 1, 1), shift,
-                                         predictor.weight.flatten(1), predictor.bias)
-        return cached[1:]
+        """(weight × BN scale, shift): the eval-mode conv as one weight and bias."""
+        scale, shift = self.affine()
+        return (self.conv.weight if scale is None else self.conv.weight * scale.view(-1, 1, 1, 1)), shift
 
     def _skip(self, x: torch.Tensor, in_idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        conv = self._modules["conv"]
-        if torch.is_grad_enabled():     # differentiable (no cache)
-            scale, shift = self.affine()
-            weight = conv.weight * scale.view(-1, 1, 1, 1)
-            predictor = self._modules["predictor"]
-            pw, pb = predictor.weight.flatten(1), predictor.bias
-        else:
-            weight, shift, pw, pb = self._eval_tensors()
-        y, idx, keep = skip_conv(x, in_idx, weight, None, shift, pw, pb, conv.stride, conv.padding, conv.dilation,
-                                 self.act_name)
+        # Nothing derived from the parameters is cached: an update through ``p.data`` changes no version
+        # counter, so any cache could go stale. The BN scale multiplies only the gathered weight rows.
+        modules = self._modules
+        conv, predictor = modules["conv"], modules["predictor"]
+        scale, shift = self.affine()
+        y, idx, keep = skip_conv(x, in_idx, conv.weight, scale, shift, predictor.weight.flatten(1), predictor.bias,
+                                 conv.stride, conv.padding, conv.dilation, self.act_name, self.top_k)
         if self.recording:
+            if keep is None:
+                keep = torch.zeros(x.shape[0], self.out_channels, dtype=torch.bool, device=x.device)
+                keep[:, idx] = True
             self._record(keep, x, y)
         return y, idx
 
@@ -264,7 +285,7 @@ class GatedConv2d(nn.Module):
                   spec: dict[str, Any]) -> "GatedConv2d":
         return cls(conv, bn, act, target=spec["target"], threshold=spec.get("threshold"), ratio=spec.get("ratio"),
                    decoupled=spec.get("decoupled", True), gating=spec.get("gating", "skip"),
-                   train_mask=spec.get("train_mask", False))
+                   train_mask=spec.get("train_mask", False))   # recipes before train_mask existed: dense
 
 
 def set_unit_gating(unit: GatedConv2d, gating: str) -> None:

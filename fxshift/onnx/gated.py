@@ -1,8 +1,8 @@
 """ONNX lowering of gated units (fxshift::gated_conv2d, fxshift::scatter_channels) to standard ops.
 
 At batch 1 the exported graph keeps the skipping: the predictor (ReduceMean over H, W → MatMul →
-Add), the threshold (logit > 0, or the top logit when none is), NonZero for the active filter
-indices, Gather of those weight rows (and, for a compact input, of the active input-channel
+Add), the threshold (logit > 0, or the top logit when none is) and NonZero for the active filter
+indices, or TopK for a unit that keeps exactly k filters (target "uniform"), Gather of those weight rows (and, for a compact input, of the active input-channel
 columns), and a Conv on the computed weights; ScatterND restores
 the full channel layout where the graph needs it. Stock onnxruntime runs it.
 
@@ -39,14 +39,18 @@ def translation_table() -> dict:
                                        op.Constant(value_float=1.0)))
         return y
 
-    def gated_conv2d(x, in_idx, weight, scale, shift, predictor_weight, predictor_bias, stride, padding, dilation,
-                     act):
+    def gated_conv2d(x, in_idx, weight, scale, shift, predictor_weight_t, predictor_bias, stride, padding, dilation,
+                     act, k=0):
         pooled = op.ReduceMean(x, op.Constant(value_ints=[2, 3]), keepdims=0)                 # (1, C_in active)
-        pw = predictor_weight if in_idx is None else op.Gather(predictor_weight, in_idx, axis=1)
-        logits = op.Add(op.MatMul(pooled, op.Transpose(pw, perm=[1, 0])), predictor_bias)  # (1, C_out)
-        top = op.ReduceMax(logits, op.Constant(value_ints=[1]), keepdims=1)
-        keep = op.Or(op.Greater(logits, op.Constant(value_float=0.0)), op.GreaterOrEqual(logits, top))
-        idx = op.Reshape(op.NonZero(op.Squeeze(keep, op.Constant(value_ints=[0]))), op.Constant(value_ints=[-1]))
+        pw = predictor_weight_t if in_idx is None else op.Gather(predictor_weight_t, in_idx, axis=0)  # (C_in', C_out)
+        logits = op.Add(op.MatMul(pooled, pw), predictor_bias)                             # (1, C_out)
+        if k > 0:      # target "uniform": exactly the k highest logits
+            _, top_idx = op.TopK(logits, op.Constant(value_ints=[int(k)]), axis=1, largest=1, sorted=0)
+            idx = op.Reshape(top_idx, op.Constant(value_ints=[-1]))
+        else:
+            top = op.ReduceMax(logits, op.Constant(value_ints=[1]), keepdims=1)
+            keep = op.Or(op.Greater(logits, op.Constant(value_float=0.0)), op.GreaterOrEqual(logits, top))
+            idx = op.Reshape(op.NonZero(op.Squeeze(keep, op.Constant(value_ints=[0]))), op.Constant(value_ints=[-1]))
         w = op.Gather(weight, idx, axis=0)
         if in_idx is not None:
             w = op.Gather(w, in_idx, axis=1)

@@ -17,10 +17,10 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..context import example_inputs_of, report_of
-from ..costs import input_shapes, parameter_count
+from ..costs import _rule_for, input_shapes, parameter_count
 from ..errors import ConfigError
 from ..graph import LayerFilter, Selector, layer_sites
-from ..nn.gated import GATINGS
+from ..nn.gated import GATINGS, check_train_mask
 from ..nn.mask_targets import check_target
 from ..prune.gated_graph import fuse_unit, match_unit, output_size, rewire
 from ..report import ReportRow
@@ -39,10 +39,15 @@ class DynamicPrunePass(PassBase):
             the raw input) is gated only when `include` names it.
         decoupled: the predictors read detached inputs, so the mask loss trains only the predictors.
         gating: eval behaviour, "skip" (compute only the selected filters) or "mask" (dense, then zero).
-        train_mask: in training, multiply each unit's output by its targets.
+        train_mask: what multiplies each unit's output in training: "predicted" (the predictor's own
+            binary selection, no gradient through it: training sees what inference runs; the default,
+            as FTWT trains), "target" (the top-k / mass targets) or "none" (dense).
 
-    Grouped / depthwise convs, convs with non-zero padding modes and convs used at several call sites
-    are left alone with the reason in the report. Train with
+    A BatchNorm2d after the conv (a module, or the F.batch_norm a traced norm + activation module such
+    as timm's BatchNormAct2d leaves) and an activation after it, through nn.Identity modules, join the
+    unit. Grouped / depthwise convs, convs with non-zero padding modes, convs used at several call
+    sites and every other weight layer (Linear, Conv1d, Conv2d subclasses, …) are left alone with the
+    reason in the report. Train with
     ``loss = task_loss + λ · fxshift.train.mask_loss(gm)``; count with ``fxshift.dynamic_macs(gm, x)``.
     """
 
@@ -50,7 +55,7 @@ class DynamicPrunePass(PassBase):
 
     def __init__(self, target: str = "mass", threshold: Optional[float] = None, ratio: Optional[float] = None,
                  include: Selector = None, exclude: Selector = None, decoupled: bool = True, *,
-                 gating: str = "skip", train_mask: bool = False):
+                 gating: str = "skip", train_mask: Any = "predicted"):
         super().__init__()
         self.target, self.threshold, self.ratio = check_target(target, threshold, ratio, PASS_NAME)
         if gating not in GATINGS:
@@ -59,7 +64,7 @@ class DynamicPrunePass(PassBase):
         self.include_given = include is not None
         self.decoupled = bool(decoupled)
         self.gating = gating
-        self.train_mask = bool(train_mask)
+        self.train_mask = check_train_mask(train_mask, PASS_NAME)
 
     def options(self) -> dict[str, Any]:
         return dict(target=self.target, threshold=self.threshold, ratio=self.ratio, decoupled=self.decoupled,
@@ -70,12 +75,19 @@ class DynamicPrunePass(PassBase):
         shapes = input_shapes(gm, inputs) if inputs is not None else {}
         report = report_of(gm)
         plans, first = [], True
-        for site in layer_sites(gm, (nn.Conv2d,)):  # weights the loop below does not look at
-            if site.module is None or type(site.module) is not nn.Conv2d:
-                report.add(ReportRow(site.name, PASS_NAME, "skipped", site.reason or
-                                     f"{type(site.module).__name__} is not a plain Conv2d"))
+        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for site in layer_sites(gm, (nn.Conv2d,)):  # weight ops without a layer the loop below sees
+            if site.name not in called and site.module is None:
+                report.add(ReportRow(site.name, PASS_NAME, "skipped", site.reason))
         for node in list(gm.graph.nodes):
-            if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.Conv2d:
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            if type(module) is not nn.Conv2d:
+                if _rule_for(module) is not None:
+                    report.add(ReportRow(node.target, PASS_NAME, "skipped", self._not_a_conv(module),
+                                         params_before=parameter_count(module),
+                                         params_after=parameter_count(module)))
                 continue
             name, conv = node.target, gm.get_submodule(node.target)
             was_first, first = first, False
@@ -108,6 +120,14 @@ class DynamicPrunePass(PassBase):
 
     def _setting(self) -> str:
         return f"mass:{self.threshold}" if self.target == "mass" else f"uniform:{self.ratio}"
+
+    @staticmethod
+    def _not_a_conv(module: nn.Module) -> str:
+        kind = type(module).__name__
+        if isinstance(module, nn.Conv2d):
+            return (f"{kind} is a Conv2d subclass whose forward may differ from nn.Conv2d's: only plain "
+                    "nn.Conv2d filters are gated")
+        return f"{kind} layer: DynamicPrunePass gates the output filters of nn.Conv2d layers only"
 
     def _ineligible(self, gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d, first: bool) -> Optional[str]:
         name = node.target

@@ -52,49 +52,145 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     return None
 
 
-def match_unit(gm: fx.GraphModule, conv_node: fx.Node) -> dict[str, Any]:
-    """The conv's unit: {"layer", "bn" (module name or None), "act" (activation name or "none")}."""
+#: attribute reads of a tensor that do not depend on its channel count (timm's ``x.ndim == 4`` checks).
+SHAPE_FREE_ATTRIBUTES = ("ndim", "dtype", "device")
+
+
+def _attribute_read(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr and len(node.args) == 2 and \
+        node.args[1] in SHAPE_FREE_ATTRIBUTES
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of `node` that read its values (not only its ndim / dtype / device)."""
+    return [u for u in node.users if not _attribute_read(u)]
+
+
+def _sole_user(node: fx.Node) -> Optional[fx.Node]:
+    """The one node reading `node`'s values as its only argument, or None."""
+    users = _value_users(node)
+    if len(users) == 1 and users[0].args and users[0].args[0] is node:
+        return users[0]
+    return None
+
+
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _functional_batchnorm(gm: fx.GraphModule, node: fx.Node
+                          ) -> Optional[tuple[str, list[fx.Node], nn.BatchNorm2d]]:
+    """(module name, its get_attr nodes, the BatchNorm2d) when `node` is F.batch_norm over one module's
+    own tensors: what tracing through a norm + activation module such as timm's BatchNormAct2d leaves
+    in the graph. The GraphModule keeps only those tensors in a plain Module, so the BatchNorm2d is
+    rebuilt from them and the call's eps and momentum."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    args = dict(zip(_BN_ARGS, node.args))
+    args.update(node.kwargs)
+    attrs, owner = [], None
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        value = args.get(key)
+        if value is None and key in ("weight", "bias"):
+            continue
+        if not isinstance(value, fx.Node) or value.op != "get_attr" or len(value.users) != 1:
+            return None
+        prefix, _, attr = value.target.rpartition(".")
+        if attr != key or (owner is not None and prefix != owner):
+            return None
+        owner = prefix
+        attrs.append(value)
+    if owner is None:
+        return None
+    if not owner or any(n.op == "get_attr" and n.target.startswith(owner + ".") and n not in attrs
+                        for n in gm.graph.nodes):
+        return None          # the norm's tensors are read elsewhere too
+    module = gm.get_submodule(owner)
+    if isinstance(module, nn.BatchNorm2d):
+        return (owner, attrs, module) if module.track_running_stats else None
+    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    eps, momentum = args.get("eps", 1e-5), args.get("momentum", 0.1)
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or mean.ndim != 1 or \
+            var.shape != mean.shape or not isinstance(eps, float) or (weight is None) != (bias is None) or \
+            not (momentum is None or isinstance(momentum, float)):
+        return None
+    bn = nn.BatchNorm2d(mean.numel(), eps=eps, momentum=momentum, affine=weight is not None,
+                        device=mean.device, dtype=mean.dtype)
+    with torch.no_grad():
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        if weight is not None:
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+    return owner, attrs, bn.train(gm.training)
+
+
+def _chain(gm: fx.GraphModule, conv_node: fx.Node
+           ) -> tuple[dict[str, Any], list[fx.Node], list[fx.Node], Optional[nn.BatchNorm2d]]:
+    """The unit of `conv_node`: (plan, the nodes after the conv it absorbs in order, get_attr nodes to
+    drop, the BatchNorm2d).
+
+    After the conv: a BatchNorm2d (a module, or F.batch_norm over a BatchNorm2d's tensors), then,
+    through nn.Identity modules (timm's drop / drop_block), an activation the unit can apply."""
     plan: dict[str, Any] = {"layer": conv_node.target, "bn": None, "act": "none"}
+    chain: list[fx.Node] = []
+    attrs: list[fx.Node] = []
+    norm: Optional[nn.BatchNorm2d] = None
     tail = conv_node
-    users = list(tail.users)
-    if len(users) == 1 and users[0].op == "call_module" and users[0].args == (tail,) and not users[0].kwargs:
-        bn = gm.get_submodule(users[0].target)
-        if type(bn) is nn.BatchNorm2d and bn.track_running_stats and \
-                sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == users[0].target) == 1:
-            plan["bn"], tail = users[0].target, users[0]
-    users = list(tail.users)
-    if len(users) == 1 and users[0].args and users[0].args[0] is tail:
-        act = _activation_of(gm, users[0])
+    user = _sole_user(tail)
+    if user is not None and user.op == "call_module" and len(user.args) == 1 and not user.kwargs:
+        bn = gm.get_submodule(user.target)
+        if isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward and \
+                bn.track_running_stats and \
+                sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target) == 1:
+            plan["bn"], tail, norm = user.target, user, bn
+            chain.append(user)
+    elif user is not None:
+        functional = _functional_batchnorm(gm, user)
+        if functional is not None:
+            plan["bn"], attrs, norm = functional
+            tail = user
+            chain.append(user)
+    look, skipped = tail, []
+    while True:
+        user = _sole_user(look)
+        if user is None:
+            break
+        if user.op == "call_module" and type(gm.get_submodule(user.target)) is nn.Identity and len(user.args) == 1 \
+                and not user.kwargs:
+            skipped.append(user)
+            look = user
+            continue
+        act = _activation_of(gm, user)
         if act is not None:
             plan["act"] = act
-    return plan
+            chain += skipped + [user]
+        break
+    return plan, chain, attrs, norm
+
+
+def match_unit(gm: fx.GraphModule, conv_node: fx.Node) -> dict[str, Any]:
+    """The conv's unit: {"layer", "bn" (module name or None), "act" (activation name or "none")}."""
+    return _chain(gm, conv_node)[0]
 
 
 def fuse_unit(gm: fx.GraphModule, plan: dict[str, Any], options: dict[str, Any]) -> GatedConv2d:
     """Replace conv (+ bn + act) nodes of `plan` by one call of a new GatedConv2d under the conv's name."""
     conv_node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == plan["layer"])
     conv = gm.get_submodule(plan["layer"])
-    tail, bn = conv_node, None
-    if plan["bn"]:
-        bn_node = next(iter(tail.users))
-        if bn_node.op != "call_module" or bn_node.target != plan["bn"]:
-            raise RecipeError(f"layer {plan['layer']!r}: expected BatchNorm {plan['bn']!r} after it")
-        bn, tail = gm.get_submodule(plan["bn"]), bn_node
-    act = None
-    if plan["act"] != "none":
-        act_node = next(iter(tail.users))
-        if _activation_of(gm, act_node) != plan["act"]:
-            raise RecipeError(f"layer {plan['layer']!r}: expected activation {plan['act']!r} after it")
-        act, tail = ACTIVATIONS[plan["act"]](), act_node
-    unit = GatedConv2d(conv, bn, act, **options)
+    found, chain, attrs, bn = _chain(gm, conv_node)
+    if (found["bn"], found["act"]) != (plan["bn"], plan["act"]):
+        raise RecipeError(f"layer {plan['layer']!r}: expected BatchNorm {plan['bn']!r} and activation "
+                          f"{plan['act']!r} after it, found {found['bn']!r} and {found['act']!r}")
+    act = ACTIVATIONS[plan["act"]]() if plan["act"] != "none" else None
+    unit = GatedConv2d(conv, bn, act, **options).train(conv.training)   # the mode of the layers it replaces
     unit.bn_layer = plan["bn"]
-    if tail is not conv_node:
-        tail.replace_all_uses_with(conv_node)
-        node = tail
-        while node is not conv_node:
-            previous = node.args[0]
+    if chain:
+        chain[-1].replace_all_uses_with(conv_node)
+        for node in reversed(chain):
             gm.graph.erase_node(node)
-            node = previous
+        for node in attrs:
+            gm.graph.erase_node(node)
     replace_module(gm, plan["layer"], unit)
     return unit
 
@@ -141,6 +237,10 @@ def rewire(gm: fx.GraphModule) -> None:
                              graph.call_function(operator.getitem, (pair, 1)), module.out_channels, node.target)
             continue
         first = node.args[0] if node.args else None
+        if _attribute_read(node) and first in compact:     # x.ndim of a compact tensor: no scatter needed
+            values = compact[first][0]
+            env[node] = graph.node_copy(node, lambda a: values if a is first else full(a))
+            continue
         others = list(node.args[1:]) + list(node.kwargs.values())
         if isinstance(first, fx.Node) and first in compact and _channelwise(gm, node) and \
                 not any(isinstance(a, fx.Node) and a in compact for a in fx.node.map_aggregate(others, lambda a: a)):
