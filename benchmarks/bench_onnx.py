@@ -90,27 +90,10 @@ def exported(tmp_path_factory):
 
 def _int8_files(model, x, folder, chw):
     """int8 QDQ files: onnxruntime's own quantize_static of the float export, fxshift's export of compressed models."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from fxshift.onnx.int8 import ort_int8
 
     cal = list(torch.randn(16, *chw, generator=torch.Generator().manual_seed(1)).split(8))
-    files = {}
-    float_path = folder / "float.onnx"
-    name = onnx.load(str(float_path)).graph.input[0].name
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(cal)
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {name: b.numpy()}
-
-    quant_pre_process(str(float_path), str(folder / "float_pre.onnx"), skip_symbolic_shape=True)
-    quantize_static(str(folder / "float_pre.onnx"), str(folder / "float_int8.onnx"), _Reader(),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    files["float_int8"] = folder / "float_int8.onnx"
+    files = {"float_int8": ort_int8(folder / "float.onnx", folder / "float_int8.onnx", cal)}
     variants = {"shift4_int8": [fxshift.ShiftQuantizePass(weight_bits=4)]}
     if not QUICK:
         variants["tucker_int8"] = [fxshift.TuckerDecomposePass(rank=0.5, n_iter_max=2)]

@@ -34,6 +34,7 @@ from fxshift import ShiftQuantizePass, TuckerDecomposePass
 from fxshift.data import fashion_mnist
 from fxshift.models import small_cnn
 from fxshift.onnx import QDQReference, export_int8
+from fxshift.onnx.int8 import ort_int8
 from fxshift.measure.process import onnx_medians
 from fxshift.train.loops import train_epochs
 
@@ -134,29 +135,6 @@ def fashion_part(args, folder: Path) -> list[dict]:
     return rows
 
 
-def _ort_own_int8(float_path: Path, out: Path, cal: list) -> None:
-    """onnxruntime's own quantize_static of the float export (QDQ, per-channel s8 weights, u8 activations)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import onnx
-
-    name = onnx.load(str(float_path)).graph.input[0].name
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(cal)
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {name: b.numpy()}
-
-    pre = out.with_name(out.stem + "_pre.onnx")
-    quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-
-
 def resnet18_part(args, folder: Path) -> list[dict]:
     import torchvision
 
@@ -166,8 +144,7 @@ def resnet18_part(args, folder: Path) -> list[dict]:
     cal = list(torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1)).split(8))
     files, exact = {}, {}
     files["float"] = fxshift.export_onnx(model, x, folder / "r18_float.onnx")
-    files["ort int8"] = folder / "r18_ort_int8.onnx"
-    _ort_own_int8(files["float"], files["ort int8"], cal)
+    files["ort int8"] = ort_int8(files["float"], folder / "r18_ort_int8.onnx", cal)
     for variant in ("tucker+int8", "shift4+int8", "tucker+shift4+int8"):
         passes = ([TuckerDecomposePass(rank=0.5)] if variant.startswith("tucker") else []) + \
                  ([ShiftQuantizePass(weight_bits=4)] if "shift4" in variant else [])

@@ -517,29 +517,13 @@ def cmd_bench(args) -> int:
 
 
 def _ort_int8(float_path: Path, out: Path, shape: Sequence[int]) -> None:
-    """onnxruntime's own static int8 (QDQ, per-channel s8 weights, u8 activations) of a float ONNX file,
-    calibrated on random-normal inputs (the timing does not depend on the ranges)."""
-    import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """onnxruntime's own static int8 of a float file, calibrated on random-normal inputs (the timing does not
+    depend on the ranges)."""
+    import torch
 
-    import onnx
+    from .onnx.int8 import ort_int8
 
-    name = onnx.load(str(float_path), load_external_data=False).graph.input[0].name
-    rng = np.random.default_rng(0)
-
-    class _Random(CalibrationDataReader):
-        def __init__(self):
-            self.left = 4
-
-        def get_next(self):
-            self.left -= 1
-            return None if self.left < 0 else {name: rng.standard_normal((8, *shape[1:])).astype(np.float32)}
-
-    pre = out.with_name(out.stem + "_pre.onnx")
-    quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), _Random(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ort_int8(float_path, out, list(torch.randn(32, *shape[1:], generator=torch.Generator().manual_seed(0)).split(8)))
 
 
 # ------------------------------------------------------------------------------------------------

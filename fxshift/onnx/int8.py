@@ -27,11 +27,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConfigError
+from ..quantize.calibration_batches import calibration_batches
 from ..nn.frozen_shift import FrozenShiftConv2d, FrozenShiftLinear
 from ..nn.shift import SHIFT_LAYERS, ShiftConv2d
 from ..quantize.int8_exact import int8_codes, is_int8_exact
 
-__all__ = ["Int8Export", "deploy_model", "quantize_int8", "calibration_list", "METADATA_KEY"]
+__all__ = ["Int8Export", "deploy_model", "quantize_int8", "ort_int8", "calibration_list", "METADATA_KEY"]
 
 METADATA_KEY = "fxshift.int8"
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -162,13 +163,7 @@ def calibration_list(calibration: Any, n_inputs: int) -> list[tuple[torch.Tensor
                           "tensors, e.g. 128-512 unlabelled images in batches of 32)")
     if isinstance(calibration, torch.Tensor):
         calibration = list(calibration.split(32))
-    try:
-        batches = [b if isinstance(b, tuple) else tuple(b) if isinstance(b, list) else (b,) for b in calibration]
-    except TypeError:
-        raise ConfigError(f"calibration must be an iterable of input batches, got {type(calibration).__name__}") \
-            from None
-    if not batches:
-        raise ConfigError("calibration is empty: give at least one batch of inputs")
+    batches = calibration_batches(calibration)
     for i, b in enumerate(batches):
         if len(b) != n_inputs or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in b):
             raise ConfigError(f"calibration batch {i}: expected {n_inputs} float tensor(s) (inputs only, no labels), "
@@ -191,6 +186,24 @@ def _reader(batches: list[tuple], names: Sequence[str]):
             self._it = iter(batches)
 
     return _Batches()
+
+
+def ort_int8(float_path: Any, out: Any, calibration: Any) -> Path:
+    """onnxruntime's own static int8 of a float ONNX file (QDQ, per-channel s8 weights, u8 activations): the
+    baseline fxshift's int8 export is compared with. `calibration`: batches as for export_onnx(quantize="int8")."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import onnx
+
+    names = [i.name for i in onnx.load(str(float_path), load_external_data=False).graph.input]
+    out = Path(out)
+    pre = out.with_name(out.stem + "_pre.onnx")
+    quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), _reader(calibration_list(calibration, len(names)), names),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConfigError
+from ..quantize.calibration_batches import calibration_batches as as_batches
 from ..nn.shift import ShiftConv2d, explicit_padding
 from ..quantize.shift_calibration import (MAX_MACS, CalibrationResult, StatsAccumulator, adaround_plan,
                                           calibrate_shift_weight, conv_columns, linear_columns)
@@ -38,19 +39,7 @@ def calibration_batches(calibration: Any) -> list[tuple]:
     if isinstance(calibration, torch.Tensor):
         raise ConfigError("calibration: give an iterable of batches (e.g. a list of tensors or a DataLoader "
                           "yielding inputs without labels), not a single tensor; wrap it as [x]")
-    try:
-        batches = [b if isinstance(b, tuple) else tuple(b) if isinstance(b, list) else (b,) for b in calibration]
-    except TypeError:
-        raise ConfigError(f"calibration must be an iterable of input batches, got {type(calibration).__name__}") \
-            from None
-    if not batches:
-        raise ConfigError("calibration is empty: give at least one batch of inputs (e.g. 32 unlabelled images), "
-                          "or calibration=None for plain DeepShift-Q rounding")
-    for i, b in enumerate(batches):
-        if not b or not all(isinstance(t, torch.Tensor) for t in b):
-            raise ConfigError(f"calibration batch {i} must be a tensor or a tuple of tensors (inputs only, no "
-                              f"labels), got {[type(t).__name__ for t in b]}")
-    return batches
+    return as_batches(calibration, ", or calibration=None for plain DeepShift-Q rounding")
 
 
 def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
