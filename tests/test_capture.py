@@ -90,6 +90,72 @@ def test_weight_standardisation_is_folded_in_eval_and_reported_in_training():
     assert rows["0"].action == "skipped" and "computed from parameters" in rows["0"].reason
 
 
+def wrapped_attention(x, qkv_weight, proj_weight):
+    """Stands for torchvision's shifted_window_attention: a function torch.fx keeps opaque, taking weights."""
+    q, k, v = F.linear(x, qkv_weight).chunk(3, dim=-1)
+    return F.linear(torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v, proj_weight)
+
+
+torch.fx.wrap("wrapped_attention")
+
+
+class WrappedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.proj = nn.Linear(8, 8, bias=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x.shape[0] * 0 + wrapped_attention(x, self.qkv.weight, self.proj.weight))
+
+
+def test_weights_passed_to_an_fx_wrapped_function_are_reported_or_traced_by_export():
+    model, x = WrappedAttention().eval(), torch.randn(2, 5, 8)
+    fx_only = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], model, x, capture="fx")
+    rows = rows_of(fx_only, "ShiftQuantizePass")
+    assert set(rows) == {"qkv", "proj", "fc"} and rows["fc"].action == "shifted"
+    for name in ("qkv", "proj"):
+        assert rows[name].action == "skipped" and "wrapped_attention" in rows[name].reason
+        assert "capture='export'" in rows[name].reason
+    auto = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], model, x)
+    assert fxshift.capture_info(auto)["method"] == "export"
+    rows = rows_of(auto, "ShiftQuantizePass")
+    assert set(rows) == {"qkv", "proj", "fc"} and {r.action for r in rows.values()} == {"shifted"}
+    with torch.no_grad():
+        torch.testing.assert_close(fxshift.apply([], model, x)(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+class MaskedBias(nn.Module):
+    """Swin V2's qkv bias: cloned, then its middle third (the keys) zeroed in place before the linear."""
+
+    def __init__(self, late=False):
+        super().__init__()
+        self.qkv = nn.Linear(6, 6)
+        self.late = late
+
+    def forward(self, x):
+        bias = self.qkv.bias.clone()
+        if not self.late:
+            bias[2:4].zero_()
+        y = F.linear(x, self.qkv.weight, bias)
+        if self.late:
+            bias[2:4].zero_()  # after the op read it: not part of the weight the op saw
+        return y
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_bias_changed_in_place_before_the_op_is_folded_with_the_change(capture):
+    model, x = MaskedBias().eval(), torch.randn(3, 6)
+    gm = fxshift.apply([], model, x, capture=capture)
+    assert type(gm.get_submodule("qkv")) is nn.Linear and "folded" in fxshift.capture_info(gm)["layers"]["qkv"]
+    assert torch.equal(gm.get_submodule("qkv").bias[2:4], torch.zeros(2))
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-6, atol=1e-6)
+    late = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], MaskedBias(late=True).eval(), x, capture=capture)
+    row = rows_of(late, "ShiftQuantizePass")["qkv"]
+    assert row.action == "skipped" and "changed in place after" in row.reason
+
+
 class Mixed(nn.Module):
     """Weight ops fxshift has no layer for: a functional conv1d and a leaf MultiheadAttention."""
 

@@ -12,7 +12,7 @@ import torch.fx as fx
 from ..context import set_capture_info
 from ..errors import ConfigError, TraceError
 from .symbolic import LeafSpec, fx_trace, keep_unused_state
-from .canonical import canonicalize
+from .canonical import canonicalize, opaque_function, opaque_weights
 from .export import export_program, graph_module_of
 from .inputs import positional_inputs
 
@@ -45,6 +45,8 @@ def capture(model: Any, example_inputs: Any = None, *, capture: str = "auto", le
     else:
         try:
             gm, method = fx_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args), "fx"
+            if capture == "auto" and inputs is not None:
+                gm, method = _past_opaque_functions(model, inputs, gm)
         except TraceError as fx_error:
             if capture == "fx":
                 raise
@@ -62,6 +64,19 @@ def capture(model: Any, example_inputs: Any = None, *, capture: str = "auto", le
     set_capture_info(gm, {"method": method, "layers": done.layers, "skipped": done.skipped,
                           "modules": done.modules})
     return gm
+
+
+def _past_opaque_functions(model: torch.nn.Module, inputs: tuple, gm: fx.GraphModule) -> tuple[fx.GraphModule, str]:
+    """When torch.fx kept a function opaque (torch.fx.wrap) that takes weights, torch.export traces
+    into it: its weight ops become layers passes can convert. If torch.export fails, the fx graph
+    stays and those weights are reported as skipped."""
+    opaque = [n for n in gm.graph.nodes if opaque_function(n) is not None and opaque_weights(gm, n)]
+    if not opaque:
+        return gm, "fx"
+    try:
+        return _export(model, inputs), "export"
+    except TraceError:
+        return gm, "fx"
 
 
 def _export(model: torch.nn.Module, inputs: Optional[tuple]) -> fx.GraphModule:

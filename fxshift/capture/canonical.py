@@ -47,9 +47,17 @@ UNSUPPORTED_OPS[aten.convolution.default] = "convolution"
 # ops through which a computed weight is still the parameter itself, rearranged (exact in training too)
 _LAYOUT = {"t", "transpose", "permute", "view", "reshape", "contiguous", "flatten", "unsqueeze", "squeeze",
            "clone", "detach", "alias", "expand"}
+# ops whose result aliases their input: an in-place op on the result changes the input too
+_VIEWS = {"getitem", "slice", "select", "narrow", "view", "reshape", "t", "transpose", "permute", "unsqueeze",
+          "squeeze", "expand", "as_strided", "diagonal", "unflatten", "flatten", "alias", "chunk", "split", "unbind"}
 
 SKIP_KEY = "fxshift_skip"
 SITE_KEY = "fxshift_site"
+OPAQUE_KEY = "fxshift_opaque"  # {layer name: reason} for parameters passed to an opaque function
+
+# Modules whose functions torch.fx records as ordinary ops (anything else called as call_function is
+# user code that torch.fx.wrap kept opaque, e.g. torchvision's shifted_window_attention).
+_TORCH_MODULES = ("torch", "_operator", "operator", "builtins", "math", "_functools", "functools")
 
 
 def site_name(param: str) -> str:
@@ -72,6 +80,28 @@ def unsupported_op(node: fx.Node) -> Optional[str]:
     if node.op == "call_function":
         return UNSUPPORTED_OPS.get(node.target)
     return None
+
+
+def opaque_function(node: fx.Node) -> Optional[str]:
+    """The name of a function torch.fx did not trace into (torch.fx.wrap), else None."""
+    if node.op != "call_function" or node.target in WEIGHT_OPS or node.target in UNSUPPORTED_OPS:
+        return None
+    module = getattr(node.target, "__module__", None) or ""
+    if isinstance(node.target, torch._ops.OpOverload) or module.split(".")[0] in _TORCH_MODULES:
+        return None
+    return f"{module}.{getattr(node.target, '__qualname__', node.target)}"
+
+
+def opaque_weights(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """Layer names of the matrix or kernel parameters (dim >= 2) that reach `node`, a call of a
+    function torch.fx kept opaque: fxshift cannot see the ops inside, so no pass converts them."""
+    names: list[str] = []
+    for arg in node.all_input_nodes:
+        src = source_of(gm, arg)
+        for param in [] if src.from_inputs else src.params:
+            if _attr(gm, param).dim() >= 2 and site_name(param) not in names:
+                names.append(site_name(param))
+    return names
 
 
 def bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
@@ -123,17 +153,42 @@ def source_of(gm: fx.GraphModule, arg: Any) -> Source:
             (src.params if isinstance(value, nn.Parameter) else src.constants).append(node.target)
         else:
             src.nodes.append(node)
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            if name.split(".")[0] not in _LAYOUT:
+            if _op_name(node) not in _LAYOUT:
                 src.layout_only = False
             stack.extend(node.all_input_nodes)
+            stack.extend(_mutations(node))  # qkv_bias = b.clone(); qkv_bias[n:2 * n].zero_() (Swin V2)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     src.nodes.sort(key=order.__getitem__)
     return src
 
 
+def _op_name(node: fx.Node) -> str:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.split(".")[0]
+
+
+def _in_place(node: fx.Node) -> bool:
+    name = _op_name(node)
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    return node.op in ("call_function", "call_method") and name.endswith("_") and not name.startswith("_")
+
+
+def _mutations(node: fx.Node) -> list[fx.Node]:
+    """In-place ops that change `node`'s value, directly or through views of it."""
+    found, stack = [], list(node.users)
+    while stack:
+        user = stack.pop()
+        if _in_place(user):
+            found.append(user)
+        elif _op_name(user) in _VIEWS:
+            stack.extend(user.users)
+    return found
+
+
 def evaluate(gm: fx.GraphModule, arg: fx.Node) -> torch.Tensor:
-    """The value of a node computed from parameters and constants only (no model input)."""
+    """The value of a node computed from parameters and constants only (no model input), after the
+    in-place ops that change it."""
     values: dict[fx.Node, Any] = {}
 
     def value(n: Any) -> Any:
@@ -147,6 +202,7 @@ def evaluate(gm: fx.GraphModule, arg: fx.Node) -> torch.Tensor:
         if n not in needed:
             needed.add(n)
             stack.extend(n.all_input_nodes)
+            stack.extend(_mutations(n) if n.op != "get_attr" else ())
     with torch.no_grad():
         for n in order:
             if n not in needed:
@@ -160,8 +216,6 @@ def evaluate(gm: fx.GraphModule, arg: fx.Node) -> torch.Tensor:
                 values[n] = getattr(self_arg, n.target)(*rest, **value(n.kwargs))
             elif n.op == "call_module":
                 values[n] = gm.get_submodule(n.target)(*value(n.args), **value(n.kwargs))
-            if n is arg:
-                break
     return values[arg].detach().clone()
 
 
@@ -201,6 +255,9 @@ def _reason(gm: fx.GraphModule, site: Site, training: bool) -> Optional[str]:
                 "to fold it into a constant weight (exact at inference)")
     if b.from_inputs or (b.computed and training and not b.layout_only) or (b.constants and not b.params):
         return "bias is not a parameter"
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if any(_in_place(n) and order[n] > order[site.node] for n in w.nodes + b.nodes):
+        return "weight or bias changed in place after the op reads it"
     if site.kind == "addmm" and (site.args.get("beta", 1) != 1 or site.args.get("alpha", 1) != 1):
         return "addmm with beta/alpha other than 1"
     value = evaluate(gm, site.args["weight"]) if w.computed else _attr(gm, site.args["weight"].target)
@@ -260,6 +317,9 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
     groups: dict[str, list[Site]] = {}
     for node in list(gm.graph.nodes):
         op = weight_op(node)
+        if op is None and opaque_function(node) is not None:
+            _mark_opaque(gm, node, result)
+            continue
         if op is None:
             name = unsupported_op(node)
             if name is not None:
@@ -306,10 +366,21 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
     return result
 
 
+def _mark_opaque(gm: fx.GraphModule, node: fx.Node, result: Canonicalized) -> None:
+    reason = (f"passed to {opaque_function(node)}, which torch.fx keeps opaque (torch.fx.wrap): no pass sees "
+              "the ops inside; capture='export' traces into it")
+    marks = {name: reason for name in opaque_weights(gm, node)}
+    if marks:
+        node.meta[OPAQUE_KEY] = marks
+        result.skipped.update(marks)
+
+
 def _note(site: Site, calls: int) -> str:
     parts = [f"{site.kind} op"]
     if site.weight.computed:
         parts.append("weight folded to a constant" if not site.weight.layout_only else "weight rearranged")
+    if site.bias.computed and not site.bias.layout_only:
+        parts.append("bias folded to a constant")
     if calls > 1:
         parts.append(f"{calls} call sites")
     return ", ".join(parts)

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from .symbolic import is_fxshift_module
-from .canonical import SITE_KEY, SKIP_KEY, bind, site_name, source_of, unsupported_op, weight_op
+from .canonical import OPAQUE_KEY, SITE_KEY, SKIP_KEY, bind, site_name, source_of, unsupported_op, weight_op
 
 _NOT_WEIGHTS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -86,6 +86,9 @@ def weight_sites(gm: fx.GraphModule, inside_fxshift: bool = False) -> list[Weigh
             for path in _leaf_weights(node.target, module):
                 name = site_name(path)
                 sites.setdefault(name, WeightSite(name, reason=_leaf_reason(node.target, module)))
+        elif OPAQUE_KEY in node.meta:
+            for name, reason in node.meta[OPAQUE_KEY].items():
+                sites.setdefault(name, WeightSite(name, reason=reason))
         elif SKIP_KEY in node.meta and SITE_KEY in node.meta:
             name = node.meta[SITE_KEY]
             sites.setdefault(name, WeightSite(name, reason=node.meta[SKIP_KEY]))
