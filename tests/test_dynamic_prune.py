@@ -194,6 +194,26 @@ def test_save_load_roundtrip(tmp_path):
     assert rel(skip, mask) < 1e-5
 
 
+def test_channel_multiple_sets_k_for_training_selection_report_and_reload(tmp_path):
+    x = torch.randn(1, 3, 16, 16)
+    model = vgg(width=32)   # gated units of 64, 64, 96 filters: wide enough (≥ 4·16) to round
+    gm = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.6), model, x)
+    assert [u.top_k for _, u in gated_units(gm)] == [32, 32, 64]       # 0.6·64 = 38.4 → 32, 0.6·96 = 57.6 → 64
+    exact = fxshift.apply(DynamicPrunePass(target="uniform", ratio=0.6, channel_multiple=1), model, x)
+    assert [u.top_k for _, u in gated_units(exact)] == [38, 38, 58]
+    rows = {r.layer: r.extra for r in fxshift.report(gm).rows if r.action == "gated"}
+    assert rows["10"]["gate"] == "uniform:0.6 (k=64)"
+    gm.train()
+    gm(torch.randn(2, 3, 16, 16))
+    unit = gm.get_submodule("10")
+    assert unit.select(unit.logits(torch.randn(2, 64, 8, 8))).sum(1).tolist() == [64, 64]
+    fxshift.save(gm, tmp_path / "g.pt")
+    back = fxshift.load(model, tmp_path / "g.pt", x)
+    assert [u.top_k for _, u in gated_units(back)] == [32, 32, 64]
+    with pytest.raises(ConfigError, match="channel_multiple"):
+        DynamicPrunePass(target="uniform", channel_multiple=0)
+
+
 def test_load_rejects_wrong_architecture(tmp_path):
     gm = fxshift.apply(DynamicPrunePass(), vgg(), torch.randn(1, 3, 16, 16))
     fxshift.save(gm, tmp_path / "g.pt")

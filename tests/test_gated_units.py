@@ -38,6 +38,17 @@ def test_uniform_targets_hand_made():
     assert uniform_targets(x, 0.01).sum(1).tolist() == [1.0, 1.0]          # at least one
 
 
+def test_uniform_count_rounds_to_whole_channel_blocks_on_wide_layers():
+    from fxshift.nn.mask_targets import uniform_count
+
+    assert [uniform_count(c, 0.65) for c in (64, 128, 256)] == [42, 83, 166]              # exact rounding
+    assert [uniform_count(c, 0.65, 16) for c in (64, 128, 256)] == [48, 80, 160]          # nearest multiple of 16
+    assert uniform_count(256, 0.02, 16) == 16 and uniform_count(256, 0.99, 16) == 256     # at least one block, at most C
+    assert uniform_count(48, 0.65, 16) == 31                                              # narrow layer: exact
+    x = act(*range(1, 65))
+    assert uniform_targets(x, 0.65).sum().item() == 42 and uniform_targets(x, 0.65, count=48).sum().item() == 48
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target="mass", threshold=0.0), r"threshold must be .*\(0, 1\]"),
     (dict(target="mass", threshold=1.5), r"threshold must be"),

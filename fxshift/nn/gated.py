@@ -106,6 +106,8 @@ class GatedConv2d(nn.Module):
         target, threshold, ratio: the training targets (fxshift.nn.mask_targets).
         decoupled: the predictor reads a detached input in training.
         gating: "skip" or "mask" (eval behaviour; fxshift.nn.set_gating switches it).
+        channel_multiple: target "uniform" keeps a multiple of this many filters (on 4·multiple or
+            more channels; fxshift.nn.mask_targets.uniform_count), 1 for round(ratio·C) exactly.
         train_mask: what multiplies the output in training: "predicted" (the predictor's own binary
             selection, the default), "target" (the targets) or "none" (dense); True / False mean
             "target" / "none".
@@ -115,7 +117,8 @@ class GatedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None, *,
                  target: str = "mass", threshold: Optional[float] = None, ratio: Optional[float] = None,
-                 decoupled: bool = True, gating: str = "skip", train_mask: Any = "predicted"):
+                 decoupled: bool = True, gating: str = "skip", train_mask: Any = "predicted",
+                 channel_multiple: int = 1):
         super().__init__()
         if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros" or \
                 isinstance(conv.padding, str):
@@ -126,7 +129,10 @@ class GatedConv2d(nn.Module):
                               "channels with running statistics")
         self.target, self.threshold, self.ratio = check_target(target, threshold, ratio, "GatedConv2d")
         #: exact filter count selected per sample (target "uniform"); 0: the logit > 0 threshold
-        self.top_k = uniform_count(conv.out_channels, self.ratio) if self.target == "uniform" else 0
+        if not isinstance(channel_multiple, int) or channel_multiple < 1:
+            raise ConfigError(f"GatedConv2d: channel_multiple must be a positive int, got {channel_multiple!r}")
+        self.channel_multiple = channel_multiple
+        self.top_k = uniform_count(conv.out_channels, self.ratio, channel_multiple) if self.target == "uniform" else 0
         self.act_name = activation_name(act)
         self.conv = copy.deepcopy(conv)
         self.bn = plain_batchnorm(bn) if bn is not None else None
@@ -224,7 +230,7 @@ class GatedConv2d(nn.Module):
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.logits(x.detach() if self.decoupled else x)
         y = self._dense(x)
-        targets = mask_targets(y, self.target, self.threshold, self.ratio)
+        targets = mask_targets(y, self.target, self.threshold, self.ratio, self.top_k)
         self.last_loss = F.binary_cross_entropy_with_logits(logits, targets)
         if self.train_mask == "predicted":
             y = y * self.select(logits.detach())[:, :, None, None].to(y.dtype)
@@ -277,6 +283,7 @@ class GatedConv2d(nn.Module):
         conv = self.conv
         return {"method": self.method, "target": self.target, "threshold": self.threshold, "ratio": self.ratio,
                 "decoupled": self.decoupled, "gating": self.gating, "train_mask": self.train_mask,
+                "channel_multiple": self.channel_multiple,
                 "act": self.act_name, "bn": self.bn is not None, "in_channels": conv.in_channels,
                 "out_channels": conv.out_channels}
 
@@ -285,6 +292,7 @@ class GatedConv2d(nn.Module):
                   spec: dict[str, Any]) -> "GatedConv2d":
         return cls(conv, bn, act, target=spec["target"], threshold=spec.get("threshold"), ratio=spec.get("ratio"),
                    decoupled=spec.get("decoupled", True), gating=spec.get("gating", "skip"),
+                   channel_multiple=spec.get("channel_multiple", 1),
                    train_mask=spec.get("train_mask", False))   # recipes before train_mask existed: dense
 
 

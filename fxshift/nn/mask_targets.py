@@ -67,21 +67,28 @@ def mass_targets(output: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> 
     return keep.to(output.dtype)
 
 
-def uniform_targets(output: torch.Tensor, ratio: float = DEFAULT_RATIO) -> torch.Tensor:
-    """Float 0/1 targets (B, C): per sample, the round(ratio·C) filters (at least one) with the largest a_c."""
+def uniform_targets(output: torch.Tensor, ratio: float = DEFAULT_RATIO, count: Optional[int] = None) -> torch.Tensor:
+    """Float 0/1 targets (B, C): per sample, the `count` filters (default round(ratio·C), at least one)
+    with the largest a_c."""
     a = filter_activity(output)
-    k = uniform_count(a.shape[1], ratio)
+    k = count if count else uniform_count(a.shape[1], ratio)
     top = a.topk(k, dim=1).indices
     return torch.zeros_like(a).scatter(1, top, 1.0).to(output.dtype)
 
 
-def uniform_count(channels: int, ratio: float) -> int:
-    """How many of `channels` filters the uniform target keeps."""
+def uniform_count(channels: int, ratio: float, multiple: int = 1) -> int:
+    """How many of `channels` filters the uniform target keeps: round(ratio·channels), at least one;
+    with `multiple` > 1 and at least 4·multiple channels, rounded to a multiple of it instead (oneDNN
+    computes output and input channels in blocks of 16 with AVX-512, 8 with AVX2: a ragged count
+    costs as much as the next whole block)."""
+    if multiple > 1 and channels >= 4 * multiple:
+        return min(channels, max(multiple, multiple * int(round(ratio * channels / multiple))))
     return min(channels, max(1, int(round(ratio * channels))))
 
 
 def mask_targets(output: torch.Tensor, target: str, threshold: Optional[float] = None,
-                 ratio: Optional[float] = None) -> torch.Tensor:
-    """The targets of `target` ("mass" or "uniform") for `output`, as float 0/1 of shape (B, C)."""
+                 ratio: Optional[float] = None, count: Optional[int] = None) -> torch.Tensor:
+    """The targets of `target` ("mass" or "uniform", keeping `count` filters when given) for `output`,
+    as float 0/1 of shape (B, C)."""
     target, threshold, ratio = check_target(target, threshold, ratio, "mask_targets")
-    return mass_targets(output, threshold) if target == "mass" else uniform_targets(output, ratio)
+    return mass_targets(output, threshold) if target == "mass" else uniform_targets(output, ratio, count)

@@ -42,6 +42,10 @@ class DynamicPrunePass(PassBase):
         train_mask: what multiplies each unit's output in training: "predicted" (the predictor's own
             binary selection, no gradient through it: training sees what inference runs; the default,
             as FTWT trains), "target" (the top-k / mass targets) or "none" (dense).
+        channel_multiple: with target="uniform", each unit of 4·channel_multiple or more filters keeps
+            round(ratio·C) rounded to a multiple of this (default 16: oneDNN convolves channels in
+            blocks of 16 with AVX-512, 8 with AVX2, so a ragged count costs the whole next block;
+            the report shows each unit's k). 1 keeps round(ratio·C) exactly.
 
     A BatchNorm2d after the conv (a module, or the F.batch_norm a traced norm + activation module such
     as timm's BatchNormAct2d leaves) and an activation after it, through nn.Identity modules, join the
@@ -55,7 +59,7 @@ class DynamicPrunePass(PassBase):
 
     def __init__(self, target: str = "mass", threshold: Optional[float] = None, ratio: Optional[float] = None,
                  include: Selector = None, exclude: Selector = None, decoupled: bool = True, *,
-                 gating: str = "skip", train_mask: Any = "predicted"):
+                 gating: str = "skip", train_mask: Any = "predicted", channel_multiple: int = 16):
         super().__init__()
         self.target, self.threshold, self.ratio = check_target(target, threshold, ratio, PASS_NAME)
         if gating not in GATINGS:
@@ -65,10 +69,14 @@ class DynamicPrunePass(PassBase):
         self.decoupled = bool(decoupled)
         self.gating = gating
         self.train_mask = check_train_mask(train_mask, PASS_NAME)
+        if not isinstance(channel_multiple, int) or isinstance(channel_multiple, bool) or channel_multiple < 1:
+            raise ConfigError(f"{PASS_NAME}: channel_multiple must be a positive int (1: no rounding), "
+                              f"got {channel_multiple!r}")
+        self.channel_multiple = channel_multiple
 
     def options(self) -> dict[str, Any]:
         return dict(target=self.target, threshold=self.threshold, ratio=self.ratio, decoupled=self.decoupled,
-                    gating=self.gating, train_mask=self.train_mask)
+                    gating=self.gating, train_mask=self.train_mask, channel_multiple=self.channel_multiple)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         inputs = example_inputs_of(gm)
@@ -103,7 +111,7 @@ class DynamicPrunePass(PassBase):
             before = parameter_count(conv) + (parameter_count(gm.get_submodule(plan["bn"])) if plan["bn"] else 0)
             unit = fuse_unit(gm, plan, self.options())
             row = ReportRow(name, PASS_NAME, "gated", params_before=before, params_after=parameter_count(unit),
-                            extra={"gate": self._setting(), "bn": plan["bn"] or "-", "act": plan["act"]})
+                            extra={"gate": self._setting(unit), "bn": plan["bn"] or "-", "act": plan["act"]})
             if name in shapes:
                 out_hw = output_size(conv, shapes[name])
                 dense = conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * \
@@ -118,8 +126,8 @@ class DynamicPrunePass(PassBase):
                     row.extra["reads"] = gm.get_submodule(row.layer).source or "full input"
         return PassResult(gm, bool(plans))
 
-    def _setting(self) -> str:
-        return f"mass:{self.threshold}" if self.target == "mass" else f"uniform:{self.ratio}"
+    def _setting(self, unit: nn.Module) -> str:
+        return f"mass:{self.threshold}" if self.target == "mass" else f"uniform:{self.ratio} (k={unit.top_k})"
 
     @staticmethod
     def _not_a_conv(module: nn.Module) -> str:

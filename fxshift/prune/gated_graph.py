@@ -266,7 +266,8 @@ def rebuild_units(gm: fx.GraphModule, entries: list[dict[str, Any]]) -> None:
         if plan["bn"] != entry.get("bn_layer") or plan["act"] != entry.get("act"):
             raise RecipeError(f"recipe entry for {name!r} fuses bn={entry.get('bn_layer')!r}, act={entry.get('act')!r}"
                               f" but the model has bn={plan['bn']!r}, act={plan['act']!r} after it")
-        options = {k: entry[k] for k in ("target", "threshold", "ratio", "decoupled", "gating", "train_mask")
+        options = {k: entry[k] for k in ("target", "threshold", "ratio", "decoupled", "gating", "train_mask",
+                                         "channel_multiple")
                    if k in entry}
         fuse_unit(gm, plan, options)
     if entries:
