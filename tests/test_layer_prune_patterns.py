@@ -108,6 +108,16 @@ def test_default_criterion_works_on_linear_blocks():
     assert [r["layer"] for r in _rows(gm, "pruned")] == ["blocks.1"]
 
 
+def test_ensemble_leaves_bn_out_on_blocks_without_batchnorm_and_an_explicit_bn_raises():
+    torch.manual_seed(0)
+    calibration = [(T, torch.tensor([0, 2]))]
+    with pytest.warns(UserWarning, match="'bn' is left out"):
+        gm = fxshift.apply([LayerPrunePass(blocks=1, criterion="ensemble", calibration=calibration)], Lin().eval(), T)
+    assert [r["layer"] for r in _rows(gm, "pruned")] == ["blocks.1"]
+    with pytest.raises(ConfigError, match="no affine BatchNorm"):
+        fxshift.apply([LayerPrunePass(blocks=1, criterion=["bn", "l1"], calibration=calibration)], Lin().eval(), T)
+
+
 class Scaled(nn.Module):
     """y = x + W x with W = a·I: the output is (1 + a)·x, so cos(x, y) = sign(1 + a) exactly."""
 

@@ -20,12 +20,15 @@ Every criterion turns a filter-level measure into one number per block:
   changes its input scores low. Targets are not needed (batches may be bare inputs).
 - ``ensemble``: the sum over criteria of each block's rank (0 = least important, ties averaged);
   ``"ensemble"`` means the paper's five (l1, l2, bn, taylor, imprint), a list of names an ensemble of those.
+  On blocks without an affine BatchNorm (transformers, LayerNorm models) "ensemble" leaves ``bn`` out,
+  with a warning; a list naming ``bn`` explicitly raises there.
 
 Scoring never changes the model: weights, gradients and BatchNorm statistics stay as they were
 (the data-driven criteria run in eval mode and take gradients with torch.autograd.grad).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -126,13 +129,17 @@ def l2_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calibrati
     return _filter_norm_score(gm, blocks, 2)
 
 
+def _affine_norms(gm: fx.GraphModule, block: Block) -> list[nn.Module]:
+    return [m for m in _modules(gm, block, (nn.modules.batchnorm._BatchNorm,)) if m.weight is not None]
+
+
 @_register("bn")
 def bn_score(gm: fx.GraphModule, blocks: Sequence[Block], calibration: Calibration = None,
              loss_fn: Any = None) -> list[float]:
     """Mean |γ| over the channels of the block's BatchNorms."""
     scores = []
     for block in blocks:
-        norms = [m for m in _modules(gm, block, (nn.modules.batchnorm._BatchNorm,)) if m.weight is not None]
+        norms = _affine_norms(gm, block)
         if not norms:
             raise ConfigError(f"block {block.name!r} has no affine BatchNorm, so criterion 'bn' cannot score it: "
                               "use 'l1', 'l2', 'taylor', 'influence' or 'imprint', or exclude the block")
@@ -316,6 +323,11 @@ def score_blocks(gm: fx.GraphModule, blocks: Sequence[Block], criteria: Sequence
     if calibration is not None and any(c in DATA_DRIVEN for c in criteria) and iter(calibration) is calibration \
             and sum(c in DATA_DRIVEN for c in criteria) > 1:
         calibration = list(calibration)
+    if tuple(criteria) == ENSEMBLE and not all(_affine_norms(gm, b) for b in blocks):
+        without = [b.name for b in blocks if not _affine_norms(gm, b)]
+        warnings.warn(f"criterion='ensemble': {len(without)} block(s) have no affine BatchNorm ({without[0]!r} ...), "
+                      "so 'bn' is left out of the ensemble (l1, l2, taylor, imprint remain)", stacklevel=3)
+        criteria = tuple(c for c in criteria if c != "bn")
     per = {name: CRITERIA[name](gm, blocks, calibration, loss_fn) for name in criteria}
     if len(criteria) == 1:
         return per[criteria[0]], per
