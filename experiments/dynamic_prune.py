@@ -49,6 +49,7 @@ from fxshift import DynamicPrunePass  # noqa: E402
 from fxshift.data import digits, fashion_mnist  # noqa: E402
 from fxshift.models import BasicBlock  # noqa: E402
 from fxshift.nn import set_gating  # noqa: E402
+from fxshift.nn.gated import gated_units  # noqa: E402
 from fxshift.train import mask_loss, mask_loss_weight  # noqa: E402
 
 from fxshift.measure.timing import median_times, session_runner  # noqa: E402
@@ -120,6 +121,10 @@ def dataset(name: str, args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 # ------------------------------------------------------------------------------------------ training
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
     model.eval()
+    return evaluate_as_is(model, x, y, batch)
+
+
+def evaluate_as_is(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
     with torch.no_grad():
         correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
     return 100.0 * correct / len(x)
@@ -174,6 +179,22 @@ def dense_model(name: str, args, data, seed: int) -> tuple[nn.Module, float]:
 # ------------------------------------------------------------------------------------------ measurements
 def mean_dynamic_macs(gm: nn.Module, x: torch.Tensor, batch: int = 500) -> float:
     return torch.cat([fxshift.dynamic_macs(gm, x[i:i + batch]) for i in range(0, len(x), batch)]).mean().item()
+
+
+def oracle_accuracy(gm: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy when every unit keeps the filters its own training target picks from its dense output
+    (top-k / mass of the actual activations) instead of the predictor's choice: how much of the gap to
+    the dense model is the predictors' and how much the selection rule's."""
+    units = [u for _, u in gated_units(gm)]
+    saved = [u.train_mask for u in units]
+    gm.eval()
+    try:
+        for u in units:   # the unit's own training forward (dense, then × targets); its BN stays in eval
+            u.training, u.train_mask = True, "target"
+        return evaluate_as_is(gm, x, y)
+    finally:
+        for u, mask in zip(units, saved):
+            u.training, u.train_mask = False, mask
 
 
 def latencies(dense: nn.Module, gm: nn.Module, images: torch.Tensor, args) -> dict[str, float]:
@@ -259,6 +280,8 @@ def main(argv=None) -> int:
                    help="what multiplies each unit's output in fine-tuning (GatedConv2d train_mask)")
     p.add_argument("--cooldown", type=float, default=0.0,
                    help="fraction of the fine-tune steps, at the end, without the mask loss (FTWT: 0.5)")
+    p.add_argument("--channel-multiple", type=int, default=16,
+                   help="DynamicPrunePass channel_multiple (uniform k rounded to whole channel blocks; 1: exact)")
     p.add_argument("--static", action="store_true", help="add Torch-Pruning static L1 rows at equal MACs")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.8, 0.9])
     p.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.5])
@@ -293,13 +316,15 @@ def main(argv=None) -> int:
             common = {"model": name, "seed": seed, "dense_acc": base_acc, "dense_macs": base_macs}
             for label, options in settings(args):
                 torch.manual_seed(seed)
-                gm = fxshift.apply(DynamicPrunePass(**options, train_mask=args.train_mask), dense, xt[:1])
+                gm = fxshift.apply(DynamicPrunePass(**options, train_mask=args.train_mask,
+                                                    channel_multiple=args.channel_multiple), dense, xt[:1])
                 tune = train(gm, x, y, args.finetune, args.finetune_lr, seed + 1, args.mask_weight, batch=args.batch,
                              predictor_lr=args.predictor_lr, cooldown=args.cooldown)
                 set_gating(gm, "mask")
                 acc = evaluate(gm, xt, yt)
                 macs = mean_dynamic_macs(gm, xt)
                 row = {**common, "setting": label, "kind": "dynamic", "acc": acc, "delta": acc - base_acc, "macs": macs,
+                       "oracle_acc": oracle_accuracy(gm, xt, yt),
                        "macs_reduction": 1 - macs / base_macs, "finetune_s": tune, "load": os.getloadavg()[0]}
                 if not args.no_latency:
                     times = latencies(dense, gm, images, args)
@@ -338,22 +363,25 @@ def markdown(rows: list[dict], args, seconds: float) -> str:
     lines = [f"# Dynamic pruning (FTWT) with real skipping, beside static L1 filter pruning", "",
              f"{data}; dense {args.epochs} epochs, fine-tune {args.finetune} epoch(s) (Adam, lr {args.finetune_lr}, "
              f"predictors {args.predictor_lr}, batch {args.batch}) with cross-entropy + {args.mask_weight}·mask_loss "
-             f"(train_mask={args.train_mask}, cooldown {args.cooldown}); static L1: Torch-Pruning MagnitudePruner at "
+             f"(train_mask={args.train_mask}, cooldown {args.cooldown}, channel_multiple {args.channel_multiple}); static L1: Torch-Pruning MagnitudePruner at "
              f"the dynamic row's mean MACs, the same fine-tune without mask loss; seeds {args.seeds}; "
              f"{args.threads} thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}; "
              f"latency: median of {args.rounds} round-robin rounds over {args.latency_images} test images at batch 1; "
              f"speed-up = dense time / gated (skip) time. Total {seconds / 60:.1f} min.", "",
-             "| model | seed | kind | setting | dense acc | acc | Δ points | MACs dense | MACs (mean, with predictors) "
+             "Oracle: each unit keeps the filters its training target picks from its own dense output (not "
+             "computable at inference: it needs the dense output), with the same fine-tuned weights.", "",
+             "| model | seed | kind | setting | dense acc | acc | oracle acc | Δ points | MACs dense | MACs (mean, with predictors) "
              "| MAC reduction | torch dense µs | torch skip µs | torch speed-up | ORT dense µs | ORT skip µs "
              "| ORT speed-up | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         torch_t = (f"{r['t torch dense'] * 1e6:.0f} | {r['t torch skip'] * 1e6:.0f} | {r['torch_speedup']:.2f}×"
                    if "torch_speedup" in r else "- | - | -")
         ort = (f"{r['t ort dense'] * 1e6:.0f} | {r['t ort skip'] * 1e6:.0f} | {r['ort_speedup']:.2f}×"
                if "ort_speedup" in r else "- | - | -")
+        oracle = f"{r['oracle_acc']:.2f}" if "oracle_acc" in r else "-"
         lines.append(f"| {r['model']} | {r['seed']} | {r['kind']} | {r['setting']} | {r['dense_acc']:.2f} | "
-                     f"{r['acc']:.2f} | {r['delta']:+.2f} | {r['dense_macs'] / 1e6:.2f}M | {r['macs'] / 1e6:.3f}M | "
+                     f"{r['acc']:.2f} | {oracle} | {r['delta']:+.2f} | {r['dense_macs'] / 1e6:.2f}M | {r['macs'] / 1e6:.3f}M | "
                      f"{100 * r['macs_reduction']:.1f}% | {torch_t} | {ort} | {r['load']:.2f} |")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
