@@ -162,6 +162,27 @@ def test_dynamic_and_static_batch(shift_net, shift_file, tmp_path):
     assert stock_session(static).get_inputs()[0].shape == [1, 3, 12, 12]
 
 
+def test_a_model_over_the_protobuf_limit_is_checked_and_written_with_a_weight_file(tmp_path, monkeypatch):
+    """Models of 2 GB or more (torchvision vit_h_14, regnet_y_128gf) cannot be serialised or checked in
+    memory; the limit is lowered here so that a small model takes that path."""
+    from fxshift.onnx import export as export_module
+
+    _native_or_skip()
+    torch.manual_seed(0)
+    x = torch.randn(1, 256)
+    mlp = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    gm = fxshift.apply([ShiftQuantizePass(weight_bits=5)], mlp, x)
+    monkeypatch.setattr(export_module, "PROTO_LIMIT", 10_000)
+    path = export_onnx(gm, x, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > path.stat().st_size
+    proto = to_model_proto(gm, x)   # checked from a temporary file and read back with its weights
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in proto.graph.initializer)
+    frozen = fxshift.freeze(gm).eval()
+    xb = torch.randn(3, 256)
+    with torch.no_grad():
+        assert_close(stock_session(path).run(None, {"input": xb.numpy()})[0], frozen(xb))
+
+
 def test_tucker_layers_are_standard_conv_and_gemm(tmp_path):
     net = small_net()
     x = torch.randn(1, 3, 12, 12)

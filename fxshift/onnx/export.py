@@ -123,25 +123,46 @@ def _has_gated_units(model: nn.Module) -> bool:
     return any(isinstance(m, GatedConv2d) for m in model.modules())
 
 
-def _check(model) -> None:
+#: protobuf cannot serialise a message of 2 GiB or more: larger models keep their weights in a side file.
+PROTO_LIMIT = 1_900_000_000
+
+
+def _check(model):
+    """onnx.checker (full check); returns the model. One over PROTO_LIMIT cannot be checked in memory:
+    it is written with its weights in a side file to a temporary folder, checked there and read back."""
+    import tempfile
+
     import onnx
 
     functions.register_schemas()
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if model.ByteSize() <= PROTO_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+            return model
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            _write(model, path)
+            onnx.checker.check_model(os.fspath(path), full_check=True)
+            return onnx.load(os.fspath(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported model fails onnx.checker (full check): {exc}") from exc
 
 
-def _save(model, path: Path) -> None:
+def _write(model, path: Path) -> None:
+    """Write `model`; over PROTO_LIMIT its weights go to "<name>.data" beside it (which moves them out
+    of the in-memory model: read the file back to use it again)."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > 1_900_000_000:  # protobuf's 2 GB limit: weights go to a side file
+    if model.ByteSize() > PROTO_LIMIT:
         onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")
     else:
         onnx.save_model(model, os.fspath(path))
+
+
+def _save(model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(model, path)
 
 
 def to_model_proto(model: nn.Module, example_inputs: Any, *, target: str = "fxshift", dynamic_batch: bool = True,
@@ -199,8 +220,7 @@ def _export(model: nn.Module, inputs: tuple, target: str, dynamic_batch: bool, o
     functions.add_functions(proto)
     if target == "portable":
         proto = inline_functions(proto)
-    _check(proto)
-    return proto
+    return _check(proto)
 
 
 def inline_functions(proto):
