@@ -312,7 +312,9 @@ def _run(spec: Spec, res: ModelResult, passes: list[str]) -> None:
     res.capture = fxshift.report(gm).capture
     with torch.no_grad():
         res.capture_error = max(rel(gm(*x1), model(*x1)), rel(gm(*x8), model(*x8)))
+    del gm   # one copy of the model at a time beside the original (torchvision's giants hold 2.5 GB each)
     for key in passes:
+        out = None
         result, out = check_pass(model, x1, key, sites)
         res.passes[key] = result
         if key == "tucker_full" and out is not None:
