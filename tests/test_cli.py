@@ -1,7 +1,6 @@
 """The `fxshift` command: compress → export, inspect, bench; errors in one line, no traceback."""
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -9,26 +8,6 @@ import pytest
 from fxshift import cli
 
 onnx = pytest.importorskip("onnx")
-
-
-@pytest.fixture
-def factory_module(tmp_path, monkeypatch):
-    """A module:factory model in the current directory (what users pass as MODEL)."""
-    (tmp_path / "tinynet.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        def build():
-            torch.manual_seed(0)
-            return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                 nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-
-        not_a_model = 3
-    """))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
 
 
 def _native_or_skip():

@@ -1,5 +1,4 @@
 """`fxshift compress --quantize int8 --calibration FILE`, inspect and bench of int8 files (issue 21)."""
-import textwrap
 
 import numpy as np
 import pytest
@@ -12,32 +11,21 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    (tmp_path / "tinynet8.py").write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        def build():
-            torch.manual_seed(0)
-            return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                                 nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-    """))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    np.save(tmp_path / "cal.npy", np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
-    return tmp_path
+def tiny(factory_module):
+    """The CLI tests' tinynet:build model module, and 40 calibration samples beside it."""
+    np.save(factory_module / "cal.npy", np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    return factory_module
 
 
 def test_compress_int8_inspect_bench(tiny, capsys):
     out = tiny / "m.onnx"
-    code = cli.main(["compress", "tinynet8:build", "--pass", "shift:weight_bits=4", "--export", str(out),
+    code = cli.main(["compress", "tinynet:build", "--pass", "shift:weight_bits=4", "--export", str(out),
                      "--quantize", "int8", "--calibration", "cal.npy", "--input-shape", "1,3,16,16"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "int8 layers: 3 int8 exact" in captured.out and "40 calibration samples" in captured.err
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert meta["fxshift.model"] == "tinynet8:build" and "fxshift.int8" in meta
+    assert meta["fxshift.model"] == "tinynet:build" and "fxshift.int8" in meta
 
     assert cli.main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
@@ -56,7 +44,7 @@ def test_inspect_says_which_shift_nodes_are_int8_exact(tiny, capsys):
         pytest.skip(f"native shift kernels not available: {exc}")
     for bits, exact in ((4, "3"), (5, None)):
         out = tiny / f"s{bits}.onnx"
-        assert cli.main(["compress", "tinynet8:build", "--pass", f"shift:weight_bits={bits}", "--export", str(out),
+        assert cli.main(["compress", "tinynet:build", "--pass", f"shift:weight_bits={bits}", "--export", str(out),
                          "--input-shape", "1,3,16,16"]) == 0
         capsys.readouterr()
         info = cli.inspect_model(str(out))
@@ -82,12 +70,12 @@ def _bad_files(folder):
 
 def test_bad_calibration_files_are_one_line_errors(tiny, capsys):
     for name, message in _bad_files(tiny):
-        code = cli.main(["compress", "tinynet8:build", "--export", "x.onnx", "--quantize", "int8", "--calibration",
+        code = cli.main(["compress", "tinynet:build", "--export", "x.onnx", "--quantize", "int8", "--calibration",
                          name, "--input-shape", "1,3,16,16"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1, err
         assert err[0].startswith(f"fxshift compress: error: --calibration {name}: ") and message in err[0], err
     for argv, message in ((["--quantize", "int8"], "needs --calibration"),
                           (["--calibration", "cal.npy"], "used with --quantize int8")):
-        assert cli.main(["compress", "tinynet8:build", "--export", "x.onnx", *argv]) == 1
+        assert cli.main(["compress", "tinynet:build", "--export", "x.onnx", *argv]) == 1
         assert message in capsys.readouterr().err

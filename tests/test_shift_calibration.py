@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fxshift
+from conftest import conv_bn_cnn
 from fxshift import ConfigError, ShiftQuantizePass
 from fxshift.quantize.shift_calibration import (StatsAccumulator, adaround_plan, calibrate_shift_weight, conv_columns,
                                                 linear_columns, nearest_log_codes, output_error)
@@ -126,15 +127,7 @@ def test_minibatch_and_column_adaround_agree_with_the_exact_one():
 
 
 def _model():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                      nn.Linear(16, 10))
-    bn = m[1]
-    bn.running_mean.uniform_(-0.5, 0.5)
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.uniform_(0.5, 1.5)
-    return m.eval()
+    return conv_bn_cnn(groups=2)
 
 
 @pytest.fixture(scope="module")

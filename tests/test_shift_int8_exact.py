@@ -9,21 +9,14 @@ import torch
 from torch import nn
 
 import fxshift
+from conftest import conv_bn_cnn
 from fxshift import ShiftQuantizePass
 from fxshift.nn.shift import ShiftConv2d, ShiftLinear
 from fxshift.quantize.int8_exact import channel_shift_counts, int8_codes, is_int8_exact, limit_channel_shifts
 
 
 def _model():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                      nn.Linear(16, 10))
-    bn = m[1]
-    bn.running_mean.uniform_(-0.5, 0.5)
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.uniform_(0.5, 1.5)
-    return m.eval()
+    return conv_bn_cnn(groups=1)
 
 
 def test_limit_and_codes_math():
