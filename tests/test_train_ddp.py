@@ -1,6 +1,7 @@
 """DecomposeSchedule under DistributedDataParallel: 2 CPU processes, gloo, file:// rendezvous."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -66,69 +67,78 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        from fxshift import FxshiftError, TuckerDecomposePass, apply
-        from fxshift.data import digits
-        from fxshift.nn.tucker import TuckerConv2d
-        from fxshift.train import DecomposeSchedule, apply_synced, max_state_difference
-
-        x, y = digits(train=True).tensors
-        torch.manual_seed(100 + rank)  # different initial weights per rank: DDP must make them agree
-        model = DDP(Net(), find_unused_parameters=False, bucket_cap_mb=4)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7)
-        sched = DecomposeSchedule(1, TuckerDecomposePass(rank=0.5), recompose_at_end=True,
-                                  example_inputs=torch.zeros(1, 1, 8, 8))
-        result = {"rank": rank}
-        for epoch in range(3):
-            model, optimizer = sched.on_epoch_start(epoch, model, optimizer, lr_scheduler=scheduler)
-            if epoch == 1:
-                inner = model.module
-                result["wrapped"] = isinstance(model, DDP)
-                result["decomposed"] = isinstance(inner.get_submodule("conv2"), TuckerConv2d)
-                result["bucket_mb"] = model.bucket_bytes_cap / 2 ** 20
-                result["after_switch"] = max_state_difference(inner)
-                result["opt_covers"] = ({id(p) for g in optimizer.param_groups for p in g["params"]}
-                                        == {id(p) for p in model.parameters()})
-                # determinism evidence: the pipeline on each rank's (identical) weights, no broadcast
-                plain = apply(TuckerDecomposePass(rank=0.5), inner.eval(), torch.zeros(1, 1, 8, 8))
-                inner.train()
-                result["without_broadcast"] = max_state_difference(plain)
-            _steps(model, optimizer, x, y, rank, 6)
-            scheduler.step()
-        result["after_steps"] = max_state_difference(model.module, buffers=False)
-        result["lr"] = optimizer.param_groups[0]["lr"]
-        model, optimizer = sched.on_train_end(model, optimizer, lr_scheduler=scheduler)
-        result["recomposed_wrapped"] = isinstance(model, DDP)
-        result["after_recompose"] = max_state_difference(model.module)
-        _steps(model, optimizer, x, y, rank, 2)
-        result["after_recompose_steps"] = max_state_difference(model.module, buffers=False)
-        fresh = Net()
-        fresh.load_state_dict(model.module.state_dict())
-        result["loads_into_original"] = True
-        # apply_synced on its own: different weights per rank end equal (broadcast from rank 0) ...
-        torch.manual_seed(7 + rank)
-        own = Net()
-        synced = apply_synced(TuckerDecomposePass(rank=0.5), own, torch.zeros(1, 1, 8, 8))
-        result["synced_from_different_weights"] = max_state_difference(synced)
-        result["source_kept"] = (rank != 0) or torch.equal(synced.fc.second.bias, own.fc.bias)
-        # ... and different structures are an error on every rank
-        try:
-            apply_synced(TuckerDecomposePass(rank=0.5 if rank == 0 else 0.25), own, torch.zeros(1, 1, 8, 8))
-            result["mismatch_error"] = ""
-        except FxshiftError as exc:
-            result["mismatch_error"] = str(exc)
-        # A Budget is planned on rank 0 and broadcast: a rank whose measurements differ still
-        # builds rank 0's structure (plain apply on each rank would not).
-        from fxshift import Budget
-
-        budget = Budget(params=0.75)
-        result["budget_plain"] = _planned_ranks(apply(_skewed_tucker(rank == 1, budget), own, torch.zeros(1, 1, 8, 8)))
-        result["budget_synced"] = _planned_ranks(apply_synced(_skewed_tucker(rank == 1, budget), own,
-                                                              torch.zeros(1, 1, 8, 8)))
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+        _run(rank, out_dir)
     finally:
+        # Free every DDP wrapper (they hold the process group, some in reference cycles) before the
+        # group is destroyed: a gloo group still alive at interpreter exit can abort the process
+        # (its worker thread frees a finished collective's tensors and needs the GIL while Python
+        # finalizes: "terminate called without an active exception", 1 run in ~10 here).
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _run(rank: int, out_dir: str) -> None:
+    from fxshift import FxshiftError, TuckerDecomposePass, apply
+    from fxshift.data import digits
+    from fxshift.nn.tucker import TuckerConv2d
+    from fxshift.train import DecomposeSchedule, apply_synced, max_state_difference
+
+    x, y = digits(train=True).tensors
+    torch.manual_seed(100 + rank)  # different initial weights per rank: DDP must make them agree
+    model = DDP(Net(), find_unused_parameters=False, bucket_cap_mb=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.7)
+    sched = DecomposeSchedule(1, TuckerDecomposePass(rank=0.5), recompose_at_end=True,
+                              example_inputs=torch.zeros(1, 1, 8, 8))
+    result = {"rank": rank}
+    for epoch in range(3):
+        model, optimizer = sched.on_epoch_start(epoch, model, optimizer, lr_scheduler=scheduler)
+        if epoch == 1:
+            inner = model.module
+            result["wrapped"] = isinstance(model, DDP)
+            result["decomposed"] = isinstance(inner.get_submodule("conv2"), TuckerConv2d)
+            result["bucket_mb"] = model.bucket_bytes_cap / 2 ** 20
+            result["after_switch"] = max_state_difference(inner)
+            result["opt_covers"] = ({id(p) for g in optimizer.param_groups for p in g["params"]}
+                                    == {id(p) for p in model.parameters()})
+            # determinism evidence: the pipeline on each rank's (identical) weights, no broadcast
+            plain = apply(TuckerDecomposePass(rank=0.5), inner.eval(), torch.zeros(1, 1, 8, 8))
+            inner.train()
+            result["without_broadcast"] = max_state_difference(plain)
+        _steps(model, optimizer, x, y, rank, 6)
+        scheduler.step()
+    result["after_steps"] = max_state_difference(model.module, buffers=False)
+    result["lr"] = optimizer.param_groups[0]["lr"]
+    model, optimizer = sched.on_train_end(model, optimizer, lr_scheduler=scheduler)
+    result["recomposed_wrapped"] = isinstance(model, DDP)
+    result["after_recompose"] = max_state_difference(model.module)
+    _steps(model, optimizer, x, y, rank, 2)
+    result["after_recompose_steps"] = max_state_difference(model.module, buffers=False)
+    fresh = Net()
+    fresh.load_state_dict(model.module.state_dict())
+    result["loads_into_original"] = True
+    # apply_synced on its own: different weights per rank end equal (broadcast from rank 0) ...
+    torch.manual_seed(7 + rank)
+    own = Net()
+    synced = apply_synced(TuckerDecomposePass(rank=0.5), own, torch.zeros(1, 1, 8, 8))
+    result["synced_from_different_weights"] = max_state_difference(synced)
+    result["source_kept"] = (rank != 0) or torch.equal(synced.fc.second.bias, own.fc.bias)
+    # ... and different structures are an error on every rank
+    try:
+        apply_synced(TuckerDecomposePass(rank=0.5 if rank == 0 else 0.25), own, torch.zeros(1, 1, 8, 8))
+        result["mismatch_error"] = ""
+    except FxshiftError as exc:
+        result["mismatch_error"] = str(exc)
+    # A Budget is planned on rank 0 and broadcast: a rank whose measurements differ still
+    # builds rank 0's structure (plain apply on each rank would not).
+    from fxshift import Budget
+
+    budget = Budget(params=0.75)
+    result["budget_plain"] = _planned_ranks(apply(_skewed_tucker(rank == 1, budget), own, torch.zeros(1, 1, 8, 8)))
+    result["budget_synced"] = _planned_ranks(apply_synced(_skewed_tucker(rank == 1, budget), own,
+                                                          torch.zeros(1, 1, 8, 8)))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
 
 
 def test_ddp_ranks_agree_after_the_switch_and_after_more_steps(tmp_path):
