@@ -180,6 +180,61 @@ def test_every_weight_op_gets_a_row_with_a_reason():
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class TorchAttention(nn.Module):
+    """torch's own attention modules: torch.fx keeps them as leaves, their weights out of sight."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.enc(self.attn(x, x, x, need_weights=False)[0]))
+
+
+ATTENTION_LAYERS = ["attn.in_proj", "attn.out_proj", "enc.self_attn.in_proj", "enc.self_attn.out_proj",
+                    "enc.linear1", "enc.linear2", "fc"]
+
+
+def test_torch_attention_modules_are_traced_by_export_and_packed_weights_become_layers(tmp_path):
+    torch.manual_seed(0)
+    model, x = TorchAttention().eval(), torch.randn(2, 5, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fxshift.apply([], model, x)
+    assert fxshift.capture_info(gm)["method"] == "export"
+    in_proj = gm.get_submodule("attn.in_proj")
+    assert type(in_proj) is nn.Linear and torch.equal(in_proj.weight, model.attn.in_proj_weight)
+    keys = set(gm.state_dict())
+    assert {"attn.in_proj.weight", "attn.in_proj.bias"} <= keys and not {"attn.in_proj_weight", "attn.in_proj_bias"} & keys
+    for batch in (1, 3):
+        xb = torch.randn(batch, 5, 8)
+        torch.testing.assert_close(gm(xb), model(xb), rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
+
+    shifted = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], model, x)
+    rows = rows_of(shifted, "ShiftQuantizePass")
+    assert sorted(rows) == sorted(ATTENTION_LAYERS) and all(r.action == "shifted" for r in rows.values()), rows
+    fxshift.save(shifted, tmp_path / "m.pt")
+    loaded = fxshift.load(TorchAttention().eval(), tmp_path / "m.pt", x)
+    torch.testing.assert_close(loaded(x), shifted(x), rtol=0, atol=0)
+    import onnxruntime as ort
+    path = fxshift.export_onnx(shifted, (x,), tmp_path / "m.onnx", target="portable")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), shifted(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_modules_the_user_keeps_as_leaves_stay_fx_with_rows():
+    model, x = TorchAttention().eval(), torch.randn(2, 5, 8)
+    gm = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], model, x,
+                       leaf_modules=[nn.MultiheadAttention, nn.TransformerEncoderLayer])
+    assert fxshift.capture_info(gm)["method"] == "fx"
+    rows = rows_of(gm, "ShiftQuantizePass")
+    assert rows["fc"].action == "shifted"
+    assert "leaf module 'attn'" in rows["attn.in_proj_weight"].reason and rows["enc.linear1"].action == "skipped"
+
+
 def test_keyword_inputs_and_model_outputs_for_transformers():
     from coverage_checks import bert
 

@@ -46,7 +46,7 @@ def capture(model: Any, example_inputs: Any = None, *, capture: str = "auto", le
         try:
             gm, method = fx_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args), "fx"
             if capture == "auto" and inputs is not None:
-                gm, method = _past_opaque_functions(model, inputs, gm)
+                gm, method = _past_opaque_parts(model, inputs, gm, leaf_modules)
         except TraceError as fx_error:
             if capture == "fx":
                 raise
@@ -60,23 +60,43 @@ def capture(model: Any, example_inputs: Any = None, *, capture: str = "auto", le
                                  f"torch.export: {export_error}") from export_error
     done = canonicalize(gm)
     if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
-        keep_unused_state(model, gm)
+        keep_unused_state(model, gm, renamed=done.renamed)
     set_capture_info(gm, {"method": method, "layers": done.layers, "skipped": done.skipped,
                           "modules": done.modules})
     return gm
 
 
-def _past_opaque_functions(model: torch.nn.Module, inputs: tuple, gm: fx.GraphModule) -> tuple[fx.GraphModule, str]:
-    """When torch.fx kept a function opaque (torch.fx.wrap) that takes weights, torch.export traces
-    into it: its weight ops become layers passes can convert. If torch.export fails, the fx graph
-    stays and those weights are reported as skipped."""
+def _past_opaque_parts(model: torch.nn.Module, inputs: tuple, gm: fx.GraphModule,
+                       leaf_modules: LeafSpec) -> tuple[fx.GraphModule, str]:
+    """When torch.fx kept weights out of sight (a function marked torch.fx.wrap that takes weights,
+    or one of torch's attention / transformer modules, which torch.fx keeps as leaves), torch.export
+    traces into them: their weight ops become layers passes can convert. If torch.export fails, the
+    fx graph stays and those weights are reported as skipped."""
     opaque = [n for n in gm.graph.nodes if opaque_function(n) is not None and opaque_weights(gm, n)]
-    if not opaque:
+    if not opaque and not _export_traces_into_a_leaf(gm, leaf_modules):
         return gm, "fx"
     try:
         return _export(model, inputs), "export"
     except TraceError:
         return gm, "fx"
+
+
+# torch.nn modules torch.fx keeps as leaves although their weights are linear ops torch.export exposes
+_ATTENTION_LEAVES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+                     torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
+
+
+def _export_traces_into_a_leaf(gm: fx.GraphModule, leaf_modules: LeafSpec) -> bool:
+    """True when the fx graph calls one of _ATTENTION_LEAVES the user did not ask to keep a leaf."""
+    chosen = list(leaf_modules or ())
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _ATTENTION_LEAVES) and node.target not in chosen and \
+                not any(isinstance(c, type) and isinstance(module, c) for c in chosen):
+            return True
+    return False
 
 
 def _export(model: torch.nn.Module, inputs: Optional[tuple]) -> fx.GraphModule:

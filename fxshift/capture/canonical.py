@@ -1,7 +1,8 @@
 """Canonicalization, right after capture: every op whose weight comes from parameters (conv2d,
 linear, addmm, mm, matmul, in torch.fx or aten spelling) becomes a call to a standard nn.Conv2d /
-nn.Linear named after the parameter's owner in the original model; the forward's other ops stay
-(a "same" conv keeps its pad). A weight computed from parameters (weight standardisation) is folded
+nn.Linear named after the parameter's owner in the original model (a packed "<name>_weight",
+e.g. nn.MultiheadAttention's in_proj_weight, gets a layer "<name>" beside it and leaves the state
+dict under that name); the forward's other ops stay (a "same" conv keeps its pad). A weight computed from parameters (weight standardisation) is folded
 to a constant when the model is in eval mode (exact at inference). Ops that cannot get a layer keep
 running as they are, with the reason in ``node.meta["fxshift_skip"]`` (read by fxshift.capture.sites).
 Under torch.export, batch_norm and dropout ops become nn.BatchNorm / nn.Dropout modules again so
@@ -64,6 +65,15 @@ def site_name(param: str) -> str:
     """The layer name of a weight parameter: its owner's path ("layer1.0.conv1" for
     "layer1.0.conv1.weight"); a parameter not called "weight" keeps its full name."""
     return param[: -len(".weight")] if param.endswith(".weight") else param
+
+
+def packed_layer_name(param: str) -> Optional[str]:
+    """Where the layer of a packed parameter lives: "attn.in_proj" for "attn.in_proj_weight"
+    (nn.MultiheadAttention's), None for a parameter not named "<name>_weight"."""
+    owner, _, attr = param.rpartition(".")
+    if not attr.endswith("_weight") or attr == "_weight":
+        return None
+    return ".".join(x for x in (owner, attr[: -len("_weight")]) if x)
 
 
 def weight_op(node: fx.Node) -> Optional[tuple[str, tuple[str, ...]]]:
@@ -308,6 +318,7 @@ class Canonicalized:
     layers: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)  # state_dict key before -> after (packed weights)
 
 
 def canonicalize(gm: fx.GraphModule) -> Canonicalized:
@@ -343,6 +354,7 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
             continue  # activations times activations (attention): not a weight op
         site = Site(node, kind, args, w, source_of(gm, args.get("bias")))
         groups.setdefault(_owner_param(site), []).append(site)
+    packed: list[list[str]] = []
     for param, sites in groups.items():
         name = site_name(param)
         reason = _group_reason(gm, param, sites, training)
@@ -352,6 +364,10 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
                 s.node.meta[SKIP_KEY] = reason
             result.skipped[name] = reason
             continue
+        if not param.endswith(".weight"):  # a packed weight: the layer is new, beside the parameters
+            name = packed_layer_name(param)
+            packed.append([param] + sites[0].bias.params)
+            result.renamed.update(zip(packed[-1], (f"{name}.weight", f"{name}.bias")))
         layer = _build(gm, sites[0])
         layer.train(training)
         _install(gm, name, layer)
@@ -360,6 +376,10 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
         note = _note(sites[0], len(sites))
         result.layers[name] = note
     _drop_dead(gm, {n for sites in groups.values() for s in sites for n in s.weight.nodes + s.bias.nodes})
+    for params in packed:  # now unread: the layer holds them
+        for path in params:
+            owner, _, attr = path.rpartition(".")
+            del (gm.get_submodule(owner) if owner else gm)._parameters[attr]
     result.modules.update(_modules_from_ops(gm, training))
     gm.graph.lint()
     gm.recompile()
@@ -394,17 +414,36 @@ def _group_reason(gm: fx.GraphModule, param: str, sites: list[Site], training: b
     if len({s.settings() for s in sites}) > 1:
         return f"weight shared by {len(sites)} ops with different settings"
     if not param.endswith(".weight"):
-        return f"parameter {param.rpartition('.')[2]!r} is not a layer's 'weight'"
+        reason = _packed_reason(gm, param, sites[0])
+        if reason is not None:
+            return reason
     owner = site_name(param)
     used = {param} | set(sites[0].bias.params)
     consumed = {s.node for s in sites} | {n for s in sites for n in s.weight.nodes + s.bias.nodes}
-    for node in _graph_uses(gm, owner):
+    packed_bias = sites[0].bias.params if not param.endswith(".weight") else []
+    for node in _graph_uses(gm, owner) + [n for b in packed_bias for n in _graph_uses(gm, b)]:
         others = [u for u in node.users if u not in consumed]
         if node.op == "get_attr" and not others:
             continue  # read only to compute this layer's weight (e.g. a standardisation gain)
         if node.op == "get_attr" and node.target in used:
             return f"weight also used by {len(others)} other op(s) ({others[0].name}: tied weights)"
         return f"module {owner!r} is also used by {node.name} ({node.target}): the op cannot get a layer of its own"
+    return None
+
+
+def _packed_reason(gm: fx.GraphModule, param: str, site: Site) -> Optional[str]:
+    """Why a parameter not called "weight" cannot get a layer beside it, or None. It can when it is
+    "<name>_weight", its bias (if any) is the sibling "<name>_bias" and "<name>" is free."""
+    not_a_weight = f"parameter {param.rpartition('.')[2]!r} is not a layer's 'weight'"
+    name = packed_layer_name(param)
+    if name is None or site.weight.computed or site.bias.computed:
+        return not_a_weight
+    owner, _, attr = name.rpartition(".")
+    if site.bias.params and site.bias.params != [f"{name}_bias"]:
+        return f"{not_a_weight}, and its bias is not the sibling {attr + '_bias'!r}"
+    parent = gm.get_submodule(owner) if owner else gm
+    if hasattr(parent, attr):
+        return f"{not_a_weight}, and {name!r} (where its layer would go) is taken"
     return None
 
 

@@ -69,10 +69,11 @@ def _construct(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def keep_unused_state(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+def keep_unused_state(model: torch.nn.Module, gm: fx.GraphModule, renamed: Optional[dict[str, str]] = None) -> None:
     """Carry submodules, parameters and buffers the traced forward does not use (for example
-    GoogLeNet's auxiliary heads in eval mode) so that the state_dict keeps every key."""
-    have = set(gm.state_dict().keys())
+    GoogLeNet's auxiliary heads in eval mode) so that the state_dict keeps every key (but those
+    canonicalization `renamed`: a packed weight now in a layer of its own)."""
+    have = set(gm.state_dict().keys()) | set(renamed or ())
     for key in model.state_dict().keys():
         if key in have:
             continue
