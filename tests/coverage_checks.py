@@ -154,7 +154,8 @@ _CENSUS_OPS = {  # aten op -> index of the weight argument
 def census(model: nn.Module, inputs: tuple) -> dict[str, str]:
     """{layer name: aten op} for every op of a fresh torch.export of `model` whose weight depends on
     parameters and not on the inputs (independent of fxshift's capture). A layer is named after its
-    weight parameter's owner ("blocks.0.attn.qkv" for "blocks.0.attn.qkv.weight")."""
+    weight parameter's owner ("blocks.0.attn.qkv" for "blocks.0.attn.qkv.weight"; "attn.in_proj" for a
+    packed "attn.in_proj_weight")."""
     program = torch.export.export(copy.deepcopy(model), inputs, strict=False)
     to_param = program.graph_signature.inputs_to_parameters
     user = set(program.graph_signature.user_inputs)
@@ -167,7 +168,7 @@ def census(model: nn.Module, inputs: tuple) -> dict[str, str]:
             params, from_input = _upstream(node.args[arg_index], to_param, user)
             if params and not from_input:
                 weights = [p for p in params if p.endswith(".weight")] or params
-                name = weights[0][: -len(".weight")] if weights[0].endswith(".weight") else weights[0]
+                name = re.sub(r"(\.weight|(?<=[^.])_weight)$", "", weights[0])
                 found.setdefault(name, str(node.target))
                 break
     return found

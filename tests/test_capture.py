@@ -175,7 +175,7 @@ def test_every_weight_op_gets_a_row_with_a_reason():
     gm = fxshift.apply([fxshift.TuckerDecomposePass(rank=1.0, only_if_cheaper=False)], model, x, capture="fx")
     rows = rows_of(gm, "TuckerDecomposePass")
     assert rows["k"].action == "skipped" and "conv1d" in rows["k"].reason
-    assert "leaf module 'attn'" in rows["attn.in_proj_weight"].reason
+    assert "leaf module 'attn'" in rows["attn.in_proj"].reason
     assert rows["attn.out_proj"].action == "skipped" and rows["fc"].action == "decomposed"
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
@@ -232,7 +232,7 @@ def test_attention_modules_the_user_keeps_as_leaves_stay_fx_with_rows():
     assert fxshift.capture_info(gm)["method"] == "fx"
     rows = rows_of(gm, "ShiftQuantizePass")
     assert rows["fc"].action == "shifted"
-    assert "leaf module 'attn'" in rows["attn.in_proj_weight"].reason and rows["enc.linear1"].action == "skipped"
+    assert "leaf module 'attn'" in rows["attn.in_proj"].reason and rows["enc.linear1"].action == "skipped"
 
 
 def test_keyword_inputs_and_model_outputs_for_transformers():

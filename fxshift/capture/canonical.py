@@ -63,8 +63,11 @@ _TORCH_MODULES = ("torch", "_operator", "operator", "builtins", "math", "_functo
 
 def site_name(param: str) -> str:
     """The layer name of a weight parameter: its owner's path ("layer1.0.conv1" for
-    "layer1.0.conv1.weight"); a parameter not called "weight" keeps its full name."""
-    return param[: -len(".weight")] if param.endswith(".weight") else param
+    "layer1.0.conv1.weight"), "attn.in_proj" for a packed "attn.in_proj_weight"; any other
+    parameter keeps its full name."""
+    if param.endswith(".weight"):
+        return param[: -len(".weight")]
+    return packed_layer_name(param) or param
 
 
 def packed_layer_name(param: str) -> Optional[str]:
@@ -365,7 +368,6 @@ def canonicalize(gm: fx.GraphModule) -> Canonicalized:
             result.skipped[name] = reason
             continue
         if not param.endswith(".weight"):  # a packed weight: the layer is new, beside the parameters
-            name = packed_layer_name(param)
             packed.append([param] + sites[0].bias.params)
             result.renamed.update(zip(packed[-1], (f"{name}.weight", f"{name}.bias")))
         layer = _build(gm, sites[0])
@@ -417,7 +419,7 @@ def _group_reason(gm: fx.GraphModule, param: str, sites: list[Site], training: b
         reason = _packed_reason(gm, param, sites[0])
         if reason is not None:
             return reason
-    owner = site_name(param)
+    owner = site_name(param) if param.endswith(".weight") else param
     used = {param} | set(sites[0].bias.params)
     consumed = {s.node for s in sites} | {n for s in sites for n in s.weight.nodes + s.bias.nodes}
     packed_bias = sites[0].bias.params if not param.endswith(".weight") else []
