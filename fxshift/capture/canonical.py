@@ -1,10 +1,11 @@
 """Canonicalization, right after capture: every op whose weight comes from parameters (conv2d,
 linear, addmm, mm, matmul, in torch.fx or aten spelling) becomes a call to a standard nn.Conv2d /
 nn.Linear named after the parameter's owner in the original model (a packed "<name>_weight",
-e.g. nn.MultiheadAttention's in_proj_weight, gets a layer "<name>" beside it and leaves the state
-dict under that name); the forward's other ops stay (a "same" conv keeps its pad). A weight computed from parameters (weight standardisation) is folded
-to a constant when the model is in eval mode (exact at inference). Ops that cannot get a layer keep
-running as they are, with the reason in ``node.meta["fxshift_skip"]`` (read by fxshift.capture.sites).
+e.g. nn.MultiheadAttention's in_proj_weight, gets a layer "<name>" beside it, which then holds it
+in the state dict); the forward's other ops stay (a "same" conv keeps its pad). A weight computed
+from parameters (weight standardisation) is folded to a constant when the model is in eval mode
+(exact at inference). Ops that cannot get a layer keep running as they are, with the reason in
+``node.meta["fxshift_skip"]`` (read by fxshift.capture.sites).
 Under torch.export, batch_norm and dropout ops become nn.BatchNorm / nn.Dropout modules again so
 that ``gm.train()`` / ``gm.eval()`` still switch them.
 
