@@ -205,13 +205,23 @@ def test_torch_attention_modules_are_traced_by_export_and_packed_weights_become_
     assert fxshift.capture_info(gm)["method"] == "export"
     in_proj = gm.get_submodule("attn.in_proj")
     assert type(in_proj) is nn.Linear and torch.equal(in_proj.weight, model.attn.in_proj_weight)
-    keys = set(gm.state_dict())
-    assert {"attn.in_proj.weight", "attn.in_proj.bias"} <= keys
-    assert not {"attn.in_proj_weight", "attn.in_proj_bias"} & keys  # moved, not copied
+    params = dict(gm.named_parameters())
+    assert {"attn.in_proj.weight", "attn.in_proj.bias"} <= set(params)
+    assert not {"attn.in_proj_weight", "attn.in_proj_bias"} & set(params)  # moved, not copied
+    assert set(gm.state_dict()) == set(model.state_dict())  # checkpoints keep the model's own keys
     for batch in (1, 3):
         xb = torch.randn(batch, 5, 8)
         torch.testing.assert_close(gm(xb), model(xb), rtol=1e-6, atol=1e-6)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
+
+    # decomposed, then recomposed: the weights load into a fresh instance of the original model
+    recomposed = fxshift.apply([fxshift.TuckerDecomposePass(rank=1.0, only_if_cheaper=False), fxshift.RecomposePass()],
+                               model, x)
+    original = TorchAttention().eval()
+    original.load_state_dict(recomposed.state_dict())
+    torch.testing.assert_close(original(x), model(x), rtol=1e-4, atol=1e-5)
+    recomposed.load_state_dict(model.state_dict())
+    torch.testing.assert_close(recomposed(x), model(x), rtol=1e-6, atol=1e-6)
 
     shifted = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], model, x)
     rows = rows_of(shifted, "ShiftQuantizePass")

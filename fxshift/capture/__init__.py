@@ -15,6 +15,7 @@ from .symbolic import LeafSpec, fx_trace, keep_unused_state
 from .canonical import canonicalize, opaque_function, opaque_weights
 from .export import export_program, graph_module_of
 from .inputs import positional_inputs
+from .state_names import keep_original_state_names
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -61,6 +62,7 @@ def capture(model: Any, example_inputs: Any = None, *, capture: str = "auto", le
     done = canonicalize(gm)
     if isinstance(model, torch.nn.Module) and not isinstance(model, fx.GraphModule):
         keep_unused_state(model, gm, renamed=done.renamed)
+    keep_original_state_names(gm, done.renamed)
     set_capture_info(gm, {"method": method, "layers": done.layers, "skipped": done.skipped,
                           "modules": done.modules})
     return gm
