@@ -236,6 +236,24 @@ def test_torch_attention_modules_are_traced_by_export_and_packed_weights_become_
     torch.testing.assert_close(torch.from_numpy(got), shifted(x).detach(), rtol=1e-4, atol=1e-5)
 
 
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x[:, :1], x, x, need_weights=False)[0]
+
+
+def test_cross_attention_packed_weight_read_in_slices_is_a_row_with_its_reason():
+    model, x = CrossAttention().eval(), torch.randn(2, 5, 8)
+    gm = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], model, x)
+    rows = rows_of(gm, "ShiftQuantizePass")
+    assert rows["attn.out_proj"].action == "shifted"
+    assert rows["attn.in_proj"].action == "skipped" and "slices of one packed weight" in rows["attn.in_proj"].reason
+    torch.testing.assert_close(fxshift.apply([], model, x)(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_attention_modules_the_user_keeps_as_leaves_stay_fx_with_rows():
     model, x = TorchAttention().eval(), torch.randn(2, 5, 8)
     gm = fxshift.apply([fxshift.ShiftQuantizePass(progress=False)], model, x,

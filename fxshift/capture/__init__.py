@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..context import set_capture_info
 from ..errors import ConfigError, TraceError
-from .symbolic import LeafSpec, fx_trace, keep_unused_state
+from .symbolic import LeafSpec, fx_trace, keep_unused_state, split_leaves
 from .canonical import canonicalize, opaque_function, opaque_weights
 from .export import export_program, graph_module_of
 from .inputs import positional_inputs
@@ -90,13 +90,12 @@ _ATTENTION_LEAVES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLay
 
 def _export_traces_into_a_leaf(gm: fx.GraphModule, leaf_modules: LeafSpec) -> bool:
     """True when the fx graph calls one of _ATTENTION_LEAVES the user did not ask to keep a leaf."""
-    chosen = list(leaf_modules or ())
+    kept_types, kept_names = split_leaves(leaf_modules)
     for node in gm.graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or node.target in kept_names:
             continue
         module = gm.get_submodule(node.target)
-        if isinstance(module, _ATTENTION_LEAVES) and node.target not in chosen and \
-                not any(isinstance(c, type) and isinstance(module, c) for c in chosen):
+        if isinstance(module, _ATTENTION_LEAVES) and not isinstance(module, kept_types):
             return True
     return False
 

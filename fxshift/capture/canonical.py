@@ -416,21 +416,21 @@ def _group_reason(gm: fx.GraphModule, param: str, sites: list[Site], training: b
             return reason
     if len({s.settings() for s in sites}) > 1:
         return f"weight shared by {len(sites)} ops with different settings"
-    if not param.endswith(".weight"):
-        reason = _packed_reason(gm, param, sites[0])
-        if reason is not None:
-            return reason
-    owner = site_name(param) if param.endswith(".weight") else param
+    packed = not param.endswith(".weight")
+    reason = _packed_reason(gm, param, sites[0]) if packed else None
+    if reason is not None:
+        return reason
     used = {param} | set(sites[0].bias.params)
     consumed = {s.node for s in sites} | {n for s in sites for n in s.weight.nodes + s.bias.nodes}
-    packed_bias = sites[0].bias.params if not param.endswith(".weight") else []
-    for node in _graph_uses(gm, owner) + [n for b in packed_bias for n in _graph_uses(gm, b)]:
+    # a layer's owner module, or a packed weight and its bias (their parent keeps other state)
+    holders = [param] + sites[0].bias.params if packed else [site_name(param)]
+    for node in [n for holder in holders for n in _graph_uses(gm, holder)]:
         others = [u for u in node.users if u not in consumed]
         if node.op == "get_attr" and not others:
             continue  # read only to compute this layer's weight (e.g. a standardisation gain)
         if node.op == "get_attr" and node.target in used:
             return f"weight also used by {len(others)} other op(s) ({others[0].name}: tied weights)"
-        return f"module {owner!r} is also used by {node.name} ({node.target}): the op cannot get a layer of its own"
+        return f"module {site_name(param)!r} is also used by {node.name} ({node.target}): the op cannot get a layer of its own"
     return None
 
 
@@ -439,8 +439,11 @@ def _packed_reason(gm: fx.GraphModule, param: str, site: Site) -> Optional[str]:
     "<name>_weight", its bias (if any) is the sibling "<name>_bias" and "<name>" is free."""
     not_a_weight = f"parameter {param.rpartition('.')[2]!r} is not a layer's 'weight'"
     name = packed_layer_name(param)
-    if name is None or site.weight.computed or site.bias.computed:
+    if name is None:
         return not_a_weight
+    if site.weight.computed or site.bias.computed:
+        return (f"{not_a_weight}, and its ops read parts of it (nn.MultiheadAttention with a query other than "
+                "its key/value projects them with slices of one packed weight), which fxshift does not split into layers")
     owner, _, attr = name.rpartition(".")
     if site.bias.params and site.bias.params != [f"{name}_bias"]:
         return f"{not_a_weight}, and its bias is not the sibling {attr + '_bias'!r}"

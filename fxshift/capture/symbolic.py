@@ -19,7 +19,7 @@ def is_fxshift_module(module: torch.nn.Module) -> bool:
     return type(module).__module__.startswith("fxshift.nn.")
 
 
-def _split_leaves(leaf_modules: LeafSpec) -> tuple[tuple[type, ...], frozenset[str]]:
+def split_leaves(leaf_modules: LeafSpec) -> tuple[tuple[type, ...], frozenset[str]]:
     types, names = [], []
     for leaf in leaf_modules or ():
         if isinstance(leaf, type) and issubclass(leaf, torch.nn.Module):
@@ -35,7 +35,7 @@ class _LeafAware:
     """Mixin: fxshift and user leaves, and a record of the innermost submodule being traced."""
 
     def _setup_leaves(self, leaf_modules: LeafSpec) -> None:
-        self.leaf_types, self.leaf_names = _split_leaves(leaf_modules)
+        self.leaf_types, self.leaf_names = split_leaves(leaf_modules)
         self.failed_in: Optional[str] = None
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
