@@ -442,8 +442,9 @@ def _packed_reason(gm: fx.GraphModule, param: str, site: Site) -> Optional[str]:
     if name is None:
         return not_a_weight
     if site.weight.computed or site.bias.computed:
-        return (f"{not_a_weight}, and its ops read parts of it (nn.MultiheadAttention with a query other than "
-                "its key/value projects them with slices of one packed weight), which fxshift does not split into layers")
+        return (f"{not_a_weight}, and its ops read parts of it (nn.MultiheadAttention with a query other "
+                "than its key/value projects them with slices of one packed weight), which fxshift does not "
+                "split into layers")
     owner, _, attr = name.rpartition(".")
     if site.bias.params and site.bias.params != [f"{name}_bias"]:
         return f"{not_a_weight}, and its bias is not the sibling {attr + '_bias'!r}"
